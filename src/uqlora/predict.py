@@ -1,0 +1,55 @@
+"""Predictive probabilities for a list of questions, sharded over processes and gathered in order."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.question import Question
+from .framing import class_scores
+from .methods.base import Method
+
+
+def shard(items: list, accelerator) -> list[int]:
+    """This process's indices: a strided slice, so every question goes to exactly one process."""
+    return list(range(accelerator.process_index, len(items), accelerator.num_processes))
+
+
+def predict_probs(method: Method, model, tokenizer, framing: str, questions: list[Question], *, accelerator,
+                  batch_size: int, max_length: int, n_samples: int = 1, quiet: bool = False,
+                  desc: str = "predict") -> tuple[torch.Tensor, int]:
+    """Mean class probabilities [N, C_max] (averaged over posterior draws) and the number of draws S.
+
+    Every process gets the full result; each question is scored once, by one process.
+    """
+    from accelerate.utils import gather_object
+
+    def score_fn(qs: list[Question]) -> torch.Tensor:
+        return class_scores(framing, model, tokenizer, qs, max_length)
+
+    local = shard(questions, accelerator)
+    rows: list[tuple[int, list[float]]] = []
+    draws = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(questions), desc=desc, disable=quiet or not accelerator.is_main_process, leave=False)
+    with torch.no_grad():
+        for start in range(0, len(local), batch_size):
+            idx = local[start:start + batch_size]
+            sample_probs = method.predict(score_fn, [questions[i] for i in idx], n_samples)  # [S, B, C]
+            draws = sample_probs.shape[0]
+            mean = sample_probs.float().mean(0).cpu()  # [B, C]: average probabilities, never logits
+            rows.extend((i, mean[j].tolist()) for j, i in enumerate(idx))
+            bar.update(len(idx) * accelerator.num_processes)
+    bar.close()
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        rows = gather_object(rows)
+        draws = max(gather_object([draws]))
+    rows.sort(key=lambda r: r[0])
+    assert [r[0] for r in rows] == list(range(len(questions))), "each question must be predicted exactly once"
+    width = max(len(q.choices) for q in questions)
+    probs = torch.zeros(len(questions), width)  # [N, C_max]; absent choices keep probability 0
+    for i, p in rows:
+        probs[i, : len(questions[i].choices)] = torch.tensor(p[: len(questions[i].choices)])
+    return probs, draws

@@ -1,0 +1,278 @@
+"""Training: LoRA fine-tuning on multiple-choice questions through accelerate, resumable.
+
+The loss is the method's per-question loss (MAP: cross-entropy over the C class scores) averaged over the
+questions of one optimizer step. Processes each take a strided share of every micro-batch and scale their
+loss by the step's global question count; gradients are then summed over processes, so one process and N
+processes compute the same update. AdamW, linear warm-up then linear decay, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import runs
+from .config import TrainConfig, dump_yaml
+from .data import load_questions
+from .errors import UqloraError
+from .evaluation.metrics import classification_metrics
+from .framing import class_scores
+from .io import write_json, write_text
+from .methods import get_method
+from .models import add_lora, default_framing, load_model
+from .predict import predict_probs
+
+# The held-out slice is drawn with this fixed seed, so every training seed selects epochs on the same questions.
+HELD_OUT_SEED = 0
+
+
+@dataclass
+class Progress:
+    """Where training is: enough, with the checkpoint's tensors, to resume bit for bit."""
+
+    global_step: int = 0
+    epoch: int = 0  # 0-based epoch in progress
+    step_in_epoch: int = 0  # optimizer steps already done in that epoch
+    best_epoch: int = -1
+    best_val_nll: float = math.inf
+
+
+def split_held_out(questions: list, fraction: float) -> tuple[list, list]:
+    if fraction <= 0:
+        return questions, []
+    n_val = max(1, round(len(questions) * fraction))
+    if n_val >= len(questions):
+        raise UqloraError(f"val_fraction {fraction} leaves no training questions out of {len(questions)}")
+    held = set(random.Random(HELD_OUT_SEED).sample(range(len(questions)), n_val))
+    return ([q for i, q in enumerate(questions) if i not in held], [q for i, q in enumerate(questions) if i in held])
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps to the peak, then linear decay; `step` is 0-based, never 0 lr."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return (total - step) / max(1, total - warmup)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)  # distinct stream per (seed, epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, best_state, accelerator) -> None:
+    tmp = run_dir / (runs.CHECKPOINT + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        runs.write_safetensors(tmp / "trainable.safetensors", runs.trainable_state(model))
+        runs.write_safetensors(tmp / "optimizer.safetensors", runs.optimizer_tensors(optimizer))
+        if best_state is not None:
+            runs.write_safetensors(tmp / "best.safetensors", best_state)
+        (tmp / "progress.json").write_text(json.dumps(vars(progress)))
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    runs.write_safetensors(tmp / f"rng{accelerator.process_index}.safetensors", rng)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        runs.replace_dir(tmp, run_dir / runs.CHECKPOINT)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(run_dir: Path, model, optimizer, accelerator):
+    ckpt = run_dir / runs.CHECKPOINT
+    if not ckpt.is_dir():
+        raise UqloraError(f"nothing to resume in {run_dir}: no {runs.CHECKPOINT}/ folder")
+    runs.load_trainable_state(model, runs.read_safetensors(ckpt / "trainable.safetensors"), f"checkpoint {ckpt}")
+    runs.load_optimizer_tensors(optimizer, runs.read_safetensors(ckpt / "optimizer.safetensors"))
+    fields = runs.read_json(ckpt / "progress.json")
+    try:
+        progress = Progress(**fields)
+    except TypeError:
+        raise UqloraError(f"corrupt checkpoint file {ckpt / 'progress.json'}: unexpected fields") from None
+    best = runs.read_safetensors(ckpt / "best.safetensors") if (ckpt / "best.safetensors").exists() else None
+    rng = runs.read_safetensors(ckpt / f"rng{accelerator.process_index}.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return progress, best
+
+
+def _truncate_log(path: Path, global_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= global_step]
+    write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad = accelerator.reduce(p.grad, reduction="sum")
+
+
+def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False,
+          step_hook: Callable[[int], None] | None = None) -> Path:
+    """Train `config` into `run_dir` (or continue it with resume=True); returns the run directory."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise UqloraError(f"run directory {run_dir} already exists; use --resume to continue it or another --out")
+    method = get_method(config.method)
+    if not method.trains:
+        raise UqloraError(f"method {config.method!r} is not trained; use `uqlora evaluate`")
+
+    questions = load_questions(config.task, config.split, data_dir=config.data_dir, source=config.source,
+                               max_examples=config.max_examples)
+    train_qs, val_qs = split_held_out(questions, config.val_fraction)
+    device = str(accelerator.device) if config.device == "auto" else config.device
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=device, quiet=quiet)
+    framing = default_framing(config.model, model) if config.framing == "auto" else config.framing
+    torch.manual_seed(config.seed)  # LoRA initialisation and dropout
+    model = method.prepare(add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                    target_modules=config.lora_targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    created = not run_dir.exists()
+    try:
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                write_text(run_dir / runs.CONFIG, dump_yaml({**config.to_dict(), "framing": framing}))
+        accelerator.wait_for_everyone()
+        progress, best_state = Progress(), None
+        if resume:
+            progress, best_state = _load_checkpoint(run_dir, model, optimizer, accelerator)
+            if accelerator.is_main_process:
+                _truncate_log(run_dir / runs.TRAIN_LOG, progress.global_step)
+        _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, train_qs, val_qs,
+             progress, best_state, accelerator, quiet, step_hook)
+    except UqloraError:
+        if created and not resume and accelerator.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written
+        raise
+    return run_dir
+
+
+def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, train_qs, val_qs,
+         progress: Progress, best_state, accelerator, quiet, step_hook) -> None:
+    per_step = config.batch_size * config.grad_accum  # questions per optimizer step, over all processes
+    steps_per_epoch = math.ceil(len(train_qs) / per_step)
+    total = steps_per_epoch * config.epochs
+    warmup = round(config.warmup_ratio * total)
+    log_path = run_dir / runs.TRAIN_LOG
+    rank, world = accelerator.process_index, accelerator.num_processes
+    epoch_seconds: list[float] = []
+
+    bar = tqdm(total=total, initial=progress.global_step, desc="train", disable=quiet or not accelerator.is_main_process)
+    model.train()
+    while progress.epoch < config.epochs:
+        epoch_start = time.perf_counter()
+        order = epoch_order(len(train_qs), config.seed, progress.epoch)
+        for step in range(progress.step_in_epoch, steps_per_epoch):
+            step_idx = order[step * per_step:(step + 1) * per_step]
+            for g in optimizer.param_groups:
+                g["lr"] = config.lr * lr_factor(progress.global_step, total, warmup)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro in range(0, len(step_idx), config.batch_size):
+                local = step_idx[micro:micro + config.batch_size][rank::world]
+                if not local:
+                    continue
+                qs = [train_qs[i] for i in local]
+                scores = class_scores(framing, model, tokenizer, qs, config.max_length)  # [b, C]
+                labels = torch.tensor([q.label for q in qs], device=scores.device)
+                losses = method.loss(scores, labels)  # [b]
+                (losses.sum() / len(step_idx)).backward()
+                loss_sum += losses.detach().sum()
+            loss = accelerator.reduce(loss_sum, reduction="sum").item() / len(step_idx)
+            if not math.isfinite(loss):
+                raise UqloraError(f"non-finite training loss ({loss}) at step {progress.global_step + 1}, epoch "
+                                  f"{progress.epoch + 1}; lower --lr or check the data")
+            _all_reduce_grads(params, accelerator)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.global_step += 1
+            progress.step_in_epoch = step + 1
+            method.on_step_end(model, progress.global_step)
+            if accelerator.is_main_process:
+                with open(log_path, "a", encoding="utf-8") as log:
+                    log.write(json.dumps({"step": progress.global_step, "epoch": progress.epoch + 1,
+                                                        "loss": loss, "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+            bar.update(1)
+            bar.set_postfix(epoch=progress.epoch + 1, loss=f"{loss:.4f}")
+            end_of_epoch = step + 1 == steps_per_epoch
+            if end_of_epoch:
+                best_state = _end_epoch(config, run_dir, model, tokenizer, framing, method, val_qs, progress,
+                                        best_state, accelerator, quiet)
+                epoch_seconds.append(time.perf_counter() - epoch_start)
+            if end_of_epoch or (config.save_every and progress.global_step % config.save_every == 0):
+                _save_checkpoint(run_dir, model, optimizer, progress, best_state, accelerator)
+            if step_hook is not None:
+                step_hook(progress.global_step)
+    bar.close()
+    _finish(config, run_dir, model, method, progress, best_state, accelerator, epoch_seconds,
+            steps_per_epoch, len(train_qs), len(val_qs))
+
+
+def _end_epoch(config, run_dir, model, tokenizer, framing, method, val_qs, progress, best_state, accelerator, quiet):
+    """Score the held-out slice (if any), remember the best epoch, and move the progress to the next epoch."""
+    finished = progress.epoch
+    progress.epoch += 1
+    progress.step_in_epoch = 0
+    if not val_qs:
+        return best_state
+    probs, _ = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
+                             batch_size=config.batch_size, max_length=config.max_length, quiet=quiet,
+                             desc="held-out")
+    metrics = classification_metrics(probs, torch.tensor([q.label for q in val_qs]))
+    if accelerator.is_main_process:
+        with open(run_dir / runs.TRAIN_LOG, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": progress.global_step, "epoch": finished + 1,
+                                                "val_nll": metrics["nll"], "val_accuracy": metrics["accuracy"]}) + "\n")
+    if metrics["nll"] < progress.best_val_nll:
+        progress.best_val_nll, progress.best_epoch = metrics["nll"], finished + 1
+        best_state = runs.trainable_state(model)
+    return best_state
+
+
+def _finish(config, run_dir, model, method, progress, best_state, accelerator, epoch_seconds, steps_per_epoch,
+            n_train, n_val) -> None:
+    """Write the final adapter (the best epoch's, when a held-out slice chose one) and drop the checkpoint."""
+    if best_state is not None:
+        runs.load_trainable_state(model, best_state, "best-epoch state")
+    if accelerator.is_main_process:
+        tmp = run_dir / (runs.ADAPTER + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        runs.replace_dir(tmp, run_dir / runs.ADAPTER)
+        state = method.state_dict()
+        if state:
+            (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
+            runs.write_safetensors(run_dir / runs.POSTERIOR / f"{method.name}.safetensors", state)
+        write_json(run_dir / runs.SUMMARY, {
+            "steps": progress.global_step, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
+            "train_questions": n_train, "held_out_questions": n_val,
+            "best_epoch": progress.best_epoch if n_val else config.epochs,
+            "epoch_seconds": epoch_seconds, "processes": accelerator.num_processes,
+        })
+        shutil.rmtree(run_dir / runs.CHECKPOINT, ignore_errors=True)
+    accelerator.wait_for_everyone()

