@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__, runs
@@ -131,9 +132,15 @@ def cmd_demo(args) -> None:
 
 
 def cmd_tasks(_args) -> None:
-    from .data import describe_tasks
+    from .data import TASKS
+    from .data.mmlu import GROUPS
 
-    print(describe_tasks())
+    for task in TASKS.values():
+        if task.name.startswith("mmlu:") and task.name[5:] not in GROUPS:
+            continue  # the 57 subjects: one line below
+        print(f"{task.name:22s} splits: {', '.join(task.splits)}")
+    print(f"{'mmlu:<subject>':22s} any of the 57 MMLU subjects, e.g. mmlu:college_chemistry")
+    print(f"{'jsonl:PATH':22s} your own file (docs/data.md gives the schema)")
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
@@ -141,6 +148,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PEFT calls a transformers method that transformers 5 deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

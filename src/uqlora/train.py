@@ -247,7 +247,8 @@ def _end_epoch(config, run_dir, model, tokenizer, framing, method, val_qs, progr
     if accelerator.is_main_process:
         with open(run_dir / runs.TRAIN_LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps({"step": progress.global_step, "epoch": finished + 1,
-                                                "val_nll": metrics["nll"], "val_accuracy": metrics["accuracy"]}) + "\n")
+                                                "val_nll": metrics["nll"], "val_accuracy": metrics["accuracy"],
+                                     "val_ece": metrics["ece"], "val_brier": metrics["brier"]}) + "\n")
     if metrics["nll"] < progress.best_val_nll:
         progress.best_val_nll, progress.best_epoch = metrics["nll"], finished + 1
         best_state = runs.trainable_state(model)
