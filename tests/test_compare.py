@@ -100,3 +100,10 @@ def test_errors_name_the_path(runs, tmp_path):
     (empty / "config.yaml").write_text("method: map\n")
     with pytest.raises(UqloraError, match="no evaluations"):
         collect_rows([empty], None)
+
+
+def test_task_names_map_to_their_eval_folders(tmp_path):
+    """`--task mmlu:college_chemistry` finds eval/mmlu-college_chemistry, the folder `evaluate` writes."""
+    run = make_run(tmp_path, "zs", "zero-shot", {"mmlu-college_chemistry": MAP_OBQA})
+    rows = collect_rows([run], "mmlu:college_chemistry")
+    assert [(r["run"], r["task"], r["n"]) for r in rows] == [("zs", "mmlu-college_chemistry", 500)]

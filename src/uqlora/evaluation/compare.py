@@ -8,28 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from uqlora.errors import UqloraError
+from uqlora.runs import eval_dir as task_eval_dir
+from uqlora.runs import read_config
 from uqlora.io import write_text
 
 COLUMNS = ("run", "method", "task", "n", "accuracy", "ece", "nll", "brier", "rms_ce")
 METRIC_KEYS = ("n", "accuracy", "ece", "nll", "brier", "rms_ce")
 HEADERS = {"accuracy": "ACC (%)", "ece": "ECE (%)", "rms_ce": "RMS-CE (%)", "nll": "NLL", "brier": "Brier"}
 PERCENT = ("accuracy", "ece", "rms_ce")  # shown ×100 with 1 decimal; NLL and Brier with 3 decimals
-
-
-def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UqloraError(f"{path} does not exist; is {run_dir} a run directory?")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UqloraError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(config, dict):
-        raise UqloraError(f"{path} must hold a YAML mapping, got {type(config).__name__}.")
-    return config
 
 
 def _read_metrics(path: Path) -> dict:
@@ -53,14 +40,13 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
     for run_dir in map(Path, run_dirs):
         if not run_dir.is_dir():
             raise UqloraError(f"run directory {run_dir} does not exist.")
-        method = _read_config(run_dir).get("method", "")
-        eval_dir = run_dir / "eval"
+        method = read_config(run_dir)["method"]
         if task is None:
-            paths = sorted(eval_dir.glob("*/metrics.json"))
+            paths = sorted((run_dir / "eval").glob("*/metrics.json"))
             if not paths:
-                raise UqloraError(f"{eval_dir} holds no evaluations (no */metrics.json).")
+                raise UqloraError(f"{run_dir / 'eval'} holds no evaluations (no */metrics.json).")
         else:
-            paths = [eval_dir / task / "metrics.json"]
+            paths = [task_eval_dir(run_dir, task, "test") / "metrics.json"]
             if not paths[0].is_file():
                 raise UqloraError(f"{paths[0]} does not exist: run {run_dir.name} has no evaluation on {task}.")
         for path in paths:
