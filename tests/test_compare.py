@@ -12,7 +12,7 @@ import json
 import pytest
 
 from uqlora.errors import UqloraError
-from uqlora.evaluation.compare import collect_rows, print_table, to_csv, to_markdown, write_comparison
+from uqlora.evaluation.compare import aggregate, collect_rows, print_table, to_csv, to_markdown, write_comparison
 
 MAP_ARC = {"accuracy": 0.523456, "ece": 0.28049, "rms_ce": 0.3012, "nll": 1.23456, "brier": 0.654321,
            "n": 570, "n_bins": 15, "n_samples": 1}
@@ -97,7 +97,7 @@ def test_errors_name_the_path(runs, tmp_path):
         collect_rows(runs[:1], None)
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "config.yaml").write_text("method: map\n")
+    (empty / "config.yaml").write_text("method: map\nmodel: smollm2-135m\n")
     with pytest.raises(UqloraError, match="no evaluations"):
         collect_rows([empty], None)
 
@@ -107,3 +107,29 @@ def test_task_names_map_to_their_eval_folders(tmp_path):
     run = make_run(tmp_path, "zs", "zero-shot", {"mmlu-college_chemistry": MAP_OBQA})
     rows = collect_rows([run], "mmlu:college_chemistry")
     assert [(r["run"], r["task"], r["n"]) for r in rows] == [("zs", "mmlu-college_chemistry", 500)]
+
+
+def test_aggregate_mean_and_sample_std(tmp_path):
+    """Three seeds of one method: mean and sample standard deviation (ddof 1) against numpy; a single run
+    has no ± in the table; the CSV keeps the std columns."""
+    import numpy as np
+
+    eces = [0.1, 0.2, 0.35]
+    runs = [make_run(tmp_path, f"map-s{i}", "map", {"obqa": {**MAP_OBQA, "ece": e}}) for i, e in enumerate(eces)]
+    runs.append(make_run(tmp_path, "zs", "zero-shot", {"obqa": MAP_OBQA}))
+    agg = aggregate(collect_rows(runs, "obqa"))
+    assert [(r["method"], r["runs"]) for r in agg] == [("map", 3), ("zero-shot", 1)]
+    assert agg[0]["ece"] == pytest.approx(np.mean(eces))
+    assert agg[0]["ece_std"] == pytest.approx(np.std(eces, ddof=1))
+    md = to_markdown(agg)
+    assert f"{100 * np.mean(eces):.1f} ± {100 * np.std(eces, ddof=1):.1f}" in md
+    assert "| zero-shot | obqa | 1 | 500 | 40.0 | 10.0 |" in md
+    header = to_csv(agg).splitlines()[0].split(",")
+    assert header[:4] == ["method", "task", "runs", "n"] and "ece_std" in header
+
+
+def test_aggregate_refuses_different_question_counts(tmp_path):
+    runs = [make_run(tmp_path, "a", "map", {"obqa": MAP_OBQA}),
+            make_run(tmp_path, "b", "map", {"obqa": {**MAP_OBQA, "n": 100}})]
+    with pytest.raises(UqloraError, match="different numbers of questions"):
+        aggregate(collect_rows(runs, "obqa"))

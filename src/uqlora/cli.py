@@ -53,6 +53,8 @@ def _compare_parser(sub) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--task", help="only this task (default: every evaluated task)")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for comparison.md and comparison.csv")
+    p.add_argument("--aggregate", action="store_true",
+                   help="one row per method and task: mean ± sample std over the runs (seeds)")
 
 
 def _demo_parser(sub) -> None:
@@ -117,9 +119,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .evaluation.compare import collect_rows, print_table, write_comparison
+    from .evaluation.compare import aggregate, collect_rows, print_table, write_comparison
 
     rows = collect_rows(args.run_dirs, args.task)
+    if args.aggregate:
+        rows = aggregate(rows)
     print_table(rows)
     md, csv = write_comparison(rows, args.out)
     print(f"written: {md} {csv}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -17,6 +18,10 @@ COLUMNS = ("run", "method", "task", "n", "accuracy", "ece", "nll", "brier", "rms
 METRIC_KEYS = ("n", "accuracy", "ece", "nll", "brier", "rms_ce")
 HEADERS = {"accuracy": "ACC (%)", "ece": "ECE (%)", "rms_ce": "RMS-CE (%)", "nll": "NLL", "brier": "Brier"}
 PERCENT = ("accuracy", "ece", "rms_ce")  # shown ×100 with 1 decimal; NLL and Brier with 3 decimals
+SCORES = ("accuracy", "ece", "nll", "brier", "rms_ce")
+# Aggregated over runs (seeds) of one method on one task: mean, and sample std in the `<metric>_std` keys.
+AGG_COLUMNS = ("method", "task", "runs", "n", *SCORES)
+TEXT_COLUMNS = ("run", "method", "task")
 
 
 def _read_metrics(path: Path) -> dict:
@@ -54,29 +59,58 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
     return rows
 
 
-def _cell(key: str, value) -> str:
-    if key in PERCENT:
-        return f"{100 * value:.1f}"
-    if key in ("nll", "brier"):
-        return f"{value:.3f}"
-    return str(value)
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Group rows by (method, task), in first-seen order: mean and sample std (ddof 1) of each score."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["task"]), []).append(row)
+    out = []
+    for (method, task), members in groups.items():
+        sizes = sorted({r["n"] for r in members})
+        if len(sizes) > 1:
+            raise UqloraError(f"{method} on {task}: runs were evaluated on different numbers of questions {sizes}")
+        agg = {"method": method, "task": task, "runs": len(members), "n": sizes[0]}
+        for key in SCORES:
+            values = [r[key] for r in members]
+            agg[key] = statistics.fmean(values)
+            agg[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def _columns(rows: list[dict]) -> tuple[str, ...]:
+    return AGG_COLUMNS if rows and "runs" in rows[0] else COLUMNS
+
+
+def _cell(key: str, row: dict) -> str:
+    value = row[key]
+    if key not in SCORES:
+        return str(value)
+    scale, digits = (100, 1) if key in PERCENT else (1, 3)
+    text = f"{scale * value:.{digits}f}"
+    if row.get("runs", 1) > 1:
+        text += f" ± {scale * row[key + '_std']:.{digits}f}"
+    return text
 
 
 def _formatted(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    return [HEADERS.get(k, k) for k in COLUMNS], [[_cell(k, row[k]) for k in COLUMNS] for row in rows]
+    columns = _columns(rows)
+    return [HEADERS.get(k, k) for k in columns], [[_cell(k, row) for k in columns] for row in rows]
 
 
 def to_markdown(rows: list[dict]) -> str:
     """A GitHub Markdown table; text columns left-aligned, numbers right-aligned."""
     header, body = _formatted(rows)
-    align = [":---" if k in ("run", "method", "task") else "---:" for k in COLUMNS]
+    align = [":---" if k in TEXT_COLUMNS else "---:" for k in _columns(rows)]
     return "".join("| " + " | ".join(cells) + " |\n" for cells in [header, align, *body])
 
 
 def to_csv(rows: list[dict]) -> str:
-    """CSV with the COLUMNS as header and metrics at full precision (fractions, not percentages)."""
+    """CSV of the columns (plus `<metric>_std` when aggregated) with metrics at full precision (fractions)."""
+    columns = _columns(rows)
+    fields = [*columns, *(k + "_std" for k in SCORES)] if columns is AGG_COLUMNS else list(columns)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -85,10 +119,10 @@ def to_csv(rows: list[dict]) -> str:
 def print_table(rows: list[dict], file=None) -> None:
     """Print an aligned plain-text table (same formatting as the Markdown) to `file` (default stdout)."""
     header, body = _formatted(rows)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(COLUMNS))]
-    numeric = [k not in ("run", "method", "task") for k in COLUMNS]
+    columns = _columns(rows)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(columns))]
     for cells in [header, *body]:
-        line = "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric))
+        line = "  ".join(c.ljust(w) if k in TEXT_COLUMNS else c.rjust(w) for c, w, k in zip(cells, widths, columns))
         print(line.rstrip(), file=file or sys.stdout)
 
 
