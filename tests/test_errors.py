@@ -167,3 +167,13 @@ def test_compare_missing_eval(capsys, tmp_path):
     assert str(tmp_path / "r") in msg
     assert not (tmp_path / "comparison.md").exists()
     shutil.rmtree(tmp_path / "r")
+
+
+def test_corrupt_adapter(capsys, tmp_path, tiny_model_dir, task_file):
+    run = tmp_path / "run"
+    assert main([str(a) for a in train_argv(tiny_model_dir, f"jsonl:{task_file}", run)]) == 0
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    msg = run_cli(capsys, "evaluate", run, "--task", f"jsonl:{task_file}", "--quiet")
+    assert "adapter" in msg and str(run / "adapter") in msg
+    assert not (run / "eval").exists()

@@ -217,6 +217,7 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
 def load_adapter(model, adapter_dir: Path, *, is_trainable: bool = False):
     """Attach a saved PEFT adapter; refuse one made for another model with one clear sentence."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UqloraError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
@@ -225,5 +226,5 @@ def load_adapter(model, adapter_dir: Path, *, is_trainable: bool = False):
     except RuntimeError as err:  # size mismatch: the adapter was trained on another architecture
         detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err)[:200])
         raise UqloraError(f"adapter {adapter_dir} does not match the model: {detail}") from None
-    except (ValueError, KeyError, OSError) as err:
+    except (SafetensorError, ValueError, KeyError, OSError) as err:
         raise UqloraError(f"adapter {adapter_dir} could not be loaded: {str(err).strip()[:300]}") from None

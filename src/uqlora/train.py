@@ -150,7 +150,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
-    created = not run_dir.exists()
+    existed = run_dir.exists()  # then empty (checked above) unless resuming
     try:
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,8 +165,10 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
         _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, train_qs, val_qs,
              progress, best_state, accelerator, quiet, step_hook)
     except UqloraError:
-        if created and not resume and accelerator.is_main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written
+        if not resume and accelerator.is_main_process:  # nothing half-written: leave --out as it was
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if existed:
+                run_dir.mkdir()
         raise
     return run_dir
 
@@ -200,7 +202,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
                 labels = torch.tensor([q.label for q in qs], device=scores.device)
                 losses = method.loss(scores, labels)  # [b]
                 (losses.sum() / len(step_idx)).backward()
-                loss_sum += losses.detach().sum()
+                loss_sum += losses.detach().sum().to(loss_sum.device)
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / len(step_idx)
             if not math.isfinite(loss):
                 raise UqloraError(f"non-finite training loss ({loss}) at step {progress.global_step + 1}, epoch "
