@@ -177,3 +177,16 @@ def test_corrupt_adapter(capsys, tmp_path, tiny_model_dir, task_file):
     msg = run_cli(capsys, "evaluate", run, "--task", f"jsonl:{task_file}", "--quiet")
     assert "adapter" in msg and str(run / "adapter") in msg
     assert not (run / "eval").exists()
+
+
+def test_zero_shot_bad_task_makes_no_run(capsys, tmp_path, tiny_model_dir):
+    msg = run_cli(capsys, "evaluate", "--model", tiny_model_dir, "--out", tmp_path / "zs", "--task", "obqa",
+                  "--split", "nosuch")
+    assert "nosuch" in msg
+    assert not (tmp_path / "zs").exists()
+
+
+def test_zero_shot_missing_model_makes_no_run(capsys, tmp_path):
+    msg = run_cli(capsys, "evaluate", "--model", tmp_path / "nomodel.gguf", "--out", tmp_path / "zs", "--task", "obqa")
+    assert "nomodel.gguf" in msg
+    assert not (tmp_path / "zs").exists()

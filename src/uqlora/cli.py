@@ -7,6 +7,7 @@ one line `error: ...` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -101,18 +102,25 @@ def cmd_evaluate(args) -> None:
 
     if (args.run_dir is None) == (args.model is None):
         raise UqloraError("give either a run directory or --model (with --out) to evaluate")
+    opts = EvalOptions(task=args.task, split=args.split, max_examples=args.max_examples, n_bins=args.n_bins,
+                       samples=args.samples, batch_size=args.batch_size, data_dir=args.data_dir,
+                       source=args.source, dtype=args.dtype, device=args.device, quiet=args.quiet)
     if args.model is not None:
         if args.out is None:
             raise UqloraError("--model needs --out DIR for the zero-shot run's results")
+        fresh = not args.out.exists()
         run_dir = init_zero_shot_run(args.out, args.model, args.framing)
+        try:
+            metrics = evaluate(run_dir, opts)
+        except UqloraError:
+            if fresh:  # nothing half-written: a zero-shot run made by this call goes again
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     else:
         if args.out is not None or args.framing != "auto":
             raise UqloraError("--out and --framing are for zero-shot evaluation (--model); a run keeps its own")
         run_dir = args.run_dir
-    opts = EvalOptions(task=args.task, split=args.split, max_examples=args.max_examples, n_bins=args.n_bins,
-                       samples=args.samples, batch_size=args.batch_size, data_dir=args.data_dir,
-                       source=args.source, dtype=args.dtype, device=args.device, quiet=args.quiet)
-    metrics = evaluate(run_dir, opts)
+        metrics = evaluate(run_dir, opts)
     print(f"{run_dir} {args.task}/{args.split}: n={metrics['n']} acc={metrics['accuracy']:.4f} "
           f"ece={metrics['ece']:.4f} nll={metrics['nll']:.4f} brier={metrics['brier']:.4f} "
           f"-> {runs.eval_dir(run_dir, args.task, args.split)}")
