@@ -27,7 +27,7 @@ class TrainConfig:
     model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), .gguf file, model folder or hub id")
     task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
     split: str = _opt("train", "split to train on")
-    method: str = _opt("map", "training method")
+    method: str = _opt("map", "training method (map: the MAP LoRA baseline)")
     framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
     epochs: int = _opt(3, "passes over the training questions")
     lr: float = _opt(3e-4, "peak AdamW learning rate")
@@ -85,9 +85,13 @@ def _base_type(hint):
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`--lora-r`), defaulting to 'not given' so the YAML file can fill it."""
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         hint = _HINTS[f.name]
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"], type=_base_type(hint))
+        default = getattr(defaults, f.name)
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})",
+                      type=_base_type(hint))
         if typing.get_origin(hint) is list:
             kwargs["nargs"] = "+"
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
