@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.question import Question
+from ..errors import UqloraError
 
 ScoreFn = Callable[[list[Question]], torch.Tensor]  # questions -> class scores [B, C] (-inf: absent choice)
 
@@ -40,4 +41,5 @@ class Method:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise ValueError(f"method {self.name!r} keeps no posterior state, got {sorted(state)[:3]}")
+            raise UqloraError(f"method {self.name!r} keeps no posterior state, but the run's posterior/ has "
+                              f"{sorted(state)[:3]}: it belongs to another method")
