@@ -15,6 +15,9 @@ import yaml
 
 from .errors import UqloraError
 
+# Prompt tokens kept per question; longer prompts lose their beginning (the question at the end stays).
+DEFAULT_MAX_LENGTH = 512
+
 
 def _opt(default, help: str, **kw):
     if isinstance(default, list):
@@ -43,7 +46,7 @@ class TrainConfig:
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     lora_targets: typing.List[str] = _opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
     val_fraction: float = _opt(0.0, "held-out fraction of the training split that selects the best epoch (0: last epoch)")
-    max_length: int = _opt(512, "prompt tokens kept (longer prompts lose their beginning)")
+    max_length: int = _opt(DEFAULT_MAX_LENGTH, "prompt tokens kept (longer prompts lose their beginning)")
     dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
     data_dir: typing.Optional[str] = _opt(None, "folder of official JSONL files (default: $UQLORA_DATA_DIR or ../shared/data)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import runs
-from .config import dump_yaml
+from .config import DEFAULT_MAX_LENGTH, dump_yaml
 from .data import load_questions
 from .errors import UqloraError
 from .evaluation.metrics import classification_metrics
@@ -36,7 +36,7 @@ class EvalOptions:
     quiet: bool = False
 
 
-def init_zero_shot_run(out: Path, model: str, framing: str = "auto", max_length: int = 512) -> Path:
+def init_zero_shot_run(out: Path, model: str, framing: str = "auto", max_length: int = DEFAULT_MAX_LENGTH) -> Path:
     """A run directory for the base model without an adapter (method zero-shot)."""
     out = Path(out)
     if (out / runs.CONFIG).exists():
@@ -76,7 +76,7 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
 
     start = time.perf_counter()
     probs, draws = predict_probs(method, model, tokenizer, framing, questions, accelerator=accelerator,
-                                 batch_size=opts.batch_size, max_length=int(config.get("max_length", 512)),
+                                 batch_size=opts.batch_size, max_length=int(config.get("max_length", DEFAULT_MAX_LENGTH)),
                                  n_samples=opts.samples, quiet=opts.quiet, desc=f"evaluate {opts.task}")
     seconds = time.perf_counter() - start
     labels = torch.tensor([q.label for q in questions])

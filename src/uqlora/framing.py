@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import DEFAULT_MAX_LENGTH
 from .data.question import Question
 from .errors import UqloraError
 
@@ -83,7 +84,7 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def letter_scores(model, tokenizer, questions: list[Question], max_length: int = 1024) -> torch.Tensor:
+def letter_scores(model, tokenizer, questions: list[Question], max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
     """Answer-letter logits at the last prompt position: [B, C_max] float32 (-inf for absent choices)."""
     n_max = max(len(q.choices) for q in questions)
     letter_ids = torch.tensor(letter_token_ids(tokenizer, n_max))
@@ -131,7 +132,7 @@ def _encode_continuations(tokenizer, questions: list[Question], max_length: int,
                           torch.tensor(choice, device=device))
 
 
-def cloze_scores(model, tokenizer, questions: list[Question], max_length: int = 1024) -> torch.Tensor:
+def cloze_scores(model, tokenizer, questions: list[Question], max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
     """Mean log-probability of each choice's tokens after its question: [B, C_max] float32.
 
     Two forwards: the questions [B, Lq] (left-padded) with use_cache=True, then all B·C continuations
@@ -167,7 +168,7 @@ def cloze_scores(model, tokenizer, questions: list[Question], max_length: int = 
     return scores.index_put((cont.owner, cont.choice), mean_logp)  # [B, C_max]
 
 
-def class_scores(framing: str, model, tokenizer, questions: list[Question], max_length: int = 1024) -> torch.Tensor:
+def class_scores(framing: str, model, tokenizer, questions: list[Question], max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
     if framing == "letter":
         return letter_scores(model, tokenizer, questions, max_length)
     if framing == "cloze":
