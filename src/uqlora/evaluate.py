@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from . import runs
-from .config import DEFAULT_MAX_LENGTH, dump_yaml
+from .config import DEFAULT_MAX_LENGTH, dump_yaml, from_mapping
 from .data import load_questions
 from .errors import UqloraError
-from .evaluation.metrics import classification_metrics
+from .evaluation.metrics import classification_metrics, predictive_entropy
 from .evaluation.reliability import plot_reliability
 from .io import write_json, write_jsonl, write_text
-from .methods import get_method
+from .methods import Adapter, get_method
 from .models import default_framing, load_adapter, load_model
 from .predict import predict_probs
 
@@ -27,7 +27,10 @@ class EvalOptions:
     split: str = "test"
     max_examples: int | None = None
     n_bins: int = 15
-    samples: int = 1
+    samples: int | None = None  # posterior draws (per member); default: the method's
+    seed: int = 0  # seed of the posterior draws
+    swag_scale: float | None = None  # default: the run's
+    method: str | None = None  # another predictive of the same training (ALTERNATIVE_PREDICTIVES)
     batch_size: int = 8
     data_dir: str | None = None  # default: the run's
     source: str | None = None  # default: the run's, else auto
@@ -56,9 +59,14 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
 
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
-    if opts.n_bins < 1 or opts.samples < 1 or opts.batch_size < 1:
+    if opts.n_bins < 1 or (opts.samples is not None and opts.samples < 1) or opts.batch_size < 1:
         raise UqloraError("--n-bins, --samples and --batch-size must be >= 1")
-    method = get_method(config["method"])
+    overrides = {} if opts.swag_scale is None else {"swag_scale": opts.swag_scale}
+    trained = get_method(config["method"])
+    method_name = _predictive(config["method"], opts.method)
+    method = get_method(method_name, from_mapping({**config, **overrides, "method": method_name},
+                                                   f"{run_dir / runs.CONFIG}"))
+    n_samples = method.check_samples(opts.samples)
     questions = load_questions(opts.task, opts.split, data_dir=opts.data_dir or config.get("data_dir"),
                                source=opts.source or config.get("source") or "auto",
                                max_examples=opts.max_examples)
@@ -66,29 +74,73 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
     accelerator = Accelerator(cpu=device == "cpu")
     model, tokenizer = load_model(config["model"], dtype=opts.dtype or config.get("dtype", "auto"),
                                   device=str(accelerator.device) if device == "auto" else device, quiet=opts.quiet)
-    if method.trains:
-        model = load_adapter(method.prepare(model), run_dir / runs.ADAPTER)
-        posterior = run_dir / runs.POSTERIOR / f"{method.name}.safetensors"
-        if posterior.exists():
-            method.load_state_dict(runs.read_safetensors(posterior))
+    model, adapters = _load_adapters(trained, model, run_dir, config)
+    torch.manual_seed(opts.seed)  # draws that use the global generator (MC dropout)
+    method.bind(model, adapters, seed=opts.seed)
     framing = config.get("framing", "auto")
     framing = default_framing(config["model"], model) if framing == "auto" else framing
 
     start = time.perf_counter()
-    probs, draws = predict_probs(method, model, tokenizer, framing, questions, accelerator=accelerator,
-                                 batch_size=opts.batch_size, max_length=int(config.get("max_length", DEFAULT_MAX_LENGTH)),
-                                 n_samples=opts.samples, quiet=opts.quiet, desc=f"evaluate {opts.task}")
+    probs, draws, mutual_info = predict_probs(
+        method, model, tokenizer, framing, questions, accelerator=accelerator, batch_size=opts.batch_size,
+        max_length=int(config.get("max_length", DEFAULT_MAX_LENGTH)), n_samples=n_samples, quiet=opts.quiet,
+        desc=f"evaluate {opts.task}")
     seconds = time.perf_counter() - start
     labels = torch.tensor([q.label for q in questions])
     metrics = classification_metrics(probs, labels, n_bins=opts.n_bins)
-    metrics.update(n_samples=draws, task=opts.task, split=opts.split, framing=framing, seconds=round(seconds, 2))
+    entropy = predictive_entropy(probs)  # [N]
+    metrics.update(method=method_name, n_samples=draws, mean_entropy=float(entropy.mean()),
+                   mean_mutual_information=float(mutual_info.mean()), task=opts.task, split=opts.split,
+                   framing=framing, seconds=round(seconds, 2))
     if accelerator.is_main_process:
-        out = runs.eval_dir(run_dir, opts.task, opts.split)
+        alternative = None if method_name == config["method"] else method_name
+        out = runs.eval_dir(run_dir, opts.task, opts.split, alternative)
         write_jsonl(out / "predictions.jsonl", (
-            {"id": q.id, "label": q.label, "probs": probs[i, : len(q.choices)].tolist()}
+            {"id": q.id, "label": q.label, "probs": probs[i, : len(q.choices)].tolist(),
+             "entropy": float(entropy[i]), **({"mutual_information": float(mutual_info[i])} if draws > 1 else {})}
             for i, q in enumerate(questions)))
         plot_reliability(probs, labels, opts.n_bins, out / "reliability.png",
-                         title=f"{run_dir.name}: {opts.task} {opts.split} ({config['method']})")
+                         title=f"{run_dir.name}: {opts.task} {opts.split} ({method_name})")
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+# Predictives that need no other training than the run's own: MC dropout of a (dropout-trained) MAP adapter,
+# and SWA from a SWAG run (its adapter is the SWA mean).
+ALTERNATIVE_PREDICTIVES = {"map": ("mc-dropout",), "mc-dropout": ("map",), "swag": ("swa",)}
+
+
+def _predictive(trained: str, requested: str | None) -> str:
+    if requested is None or requested == trained:
+        return trained
+    if requested not in ALTERNATIVE_PREDICTIVES.get(trained, ()):
+        allowed = ", ".join(ALTERNATIVE_PREDICTIVES.get(trained, ())) or "none"
+        raise UqloraError(f"--method {requested}: a {trained} run's training does not give that predictive "
+                          f"(possible: {allowed}); train with --method {requested}")
+    return requested
+
+
+def _load_adapters(method, model, run_dir: Path, config: dict):
+    """The run's adapter(s) on the one base model, with each one's posterior state (none for zero-shot).
+
+    An ensemble's members are adapters `member0`, `member1`, ... read from RUN/members/<m>/.
+    """
+    if not method.trains:
+        return model, []
+    if method.member_method is None:
+        sources = [("default", run_dir, method.name)]
+    else:
+        n = int(config.get("members", 0))
+        sources = [(f"member{m}", runs.member_dir(run_dir, m), method.member_method) for m in range(n)]
+        missing = [str(d) for _, d, _ in sources if not (d / runs.ADAPTER).is_dir()]
+        if n < 1 or missing:
+            raise UqloraError(f"{run_dir}: ensemble of {n} members is incomplete (missing {missing[:2]}); "
+                              f"finish it with `uqlora train --out {run_dir} --resume`")
+    model = method.prepare(model)
+    adapters = []
+    for name, source, member_method in sources:
+        model = load_adapter(model, source / runs.ADAPTER, adapter_name=name)
+        posterior = runs.posterior_file(source, member_method)
+        adapters.append(Adapter(name, runs.read_safetensors(posterior) if posterior.exists() else {}))
+    return model, adapters

@@ -214,15 +214,19 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     return get_peft_model(model, config)
 
 
-def load_adapter(model, adapter_dir: Path, *, is_trainable: bool = False):
-    """Attach a saved PEFT adapter; refuse one made for another model with one clear sentence."""
+def load_adapter(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainable: bool = False):
+    """Attach a saved PEFT adapter under `adapter_name` (to a base model, or as one more adapter of a PEFT
+    model: ensembles keep M adapters over one base); refuse one made for another model with one clear sentence."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UqloraError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
     except RuntimeError as err:  # size mismatch: the adapter was trained on another architecture
         detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err)[:200])
         raise UqloraError(f"adapter {adapter_dir} does not match the model: {detail}") from None

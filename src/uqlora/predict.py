@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from tqdm.auto import tqdm
 
 from .data.question import Question
+from .evaluation.metrics import mutual_information
 from .framing import class_scores
 from .methods.base import Method
 
@@ -15,10 +18,16 @@ def shard(items: list, accelerator) -> list[int]:
     return list(range(accelerator.process_index, len(items), accelerator.num_processes))
 
 
+class Predictive(NamedTuple):
+    probs: torch.Tensor  # [N, C_max] mean over the draws of the class probabilities (0 for absent choices)
+    draws: int  # S: posterior draws per question
+    mutual_information: torch.Tensor  # [N] H(mean_s p_s) - mean_s H(p_s), the epistemic part (0 when S = 1)
+
+
 def predict_probs(method: Method, model, tokenizer, framing: str, questions: list[Question], *, accelerator,
                   batch_size: int, max_length: int, n_samples: int = 1, quiet: bool = False,
-                  desc: str = "predict") -> tuple[torch.Tensor, int]:
-    """Mean class probabilities [N, C_max] (averaged over posterior draws) and the number of draws S.
+                  desc: str = "predict") -> Predictive:
+    """The predictive of `method` on `questions`: mean probabilities over S posterior draws, and their MI.
 
     Every process gets the full result; each question is scored once, by one process.
     """
@@ -28,7 +37,7 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
         return class_scores(framing, model, tokenizer, qs, max_length)
 
     local = shard(questions, accelerator)
-    rows: list[tuple[int, list[float]]] = []
+    rows: list[tuple[int, list[float], float]] = []  # (question index, mean probs, mutual information)
     draws = 0
     was_training = model.training
     model.eval()
@@ -39,7 +48,8 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
             sample_probs = method.predict(score_fn, [questions[i] for i in idx], n_samples)  # [S, B, C]
             draws = sample_probs.shape[0]
             mean = sample_probs.float().mean(0).cpu()  # [B, C]: average probabilities, never logits
-            rows.extend((i, mean[j].tolist()) for j, i in enumerate(idx))
+            mi = mutual_information(sample_probs.double().cpu())  # [B]
+            rows.extend((i, mean[j].tolist(), float(mi[j])) for j, i in enumerate(idx))
             bar.update(len(idx) * accelerator.num_processes)
     bar.close()
     model.train(was_training)
@@ -50,6 +60,6 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
     assert [r[0] for r in rows] == list(range(len(questions))), "each question must be predicted exactly once"
     width = max(len(q.choices) for q in questions)
     probs = torch.zeros(len(questions), width)  # [N, C_max]; absent choices keep probability 0
-    for i, p in rows:
+    for i, p, _ in rows:
         probs[i, : len(questions[i].choices)] = torch.tensor(p[: len(questions[i].choices)])
-    return probs, draws
+    return Predictive(probs, draws, torch.tensor([r[2] for r in rows], dtype=torch.float64))

@@ -6,7 +6,10 @@
     RUN/train_log.jsonl               one line per optimizer step: step, epoch, loss, lr (+ held-out lines)
     RUN/train_summary.json            steps, epochs, best epoch, wall times
     RUN/checkpoint/                   only while training: what --resume needs (removed when training ends)
-    RUN/eval/TASK/metrics.json, predictions.jsonl, reliability.png   (TASK-SPLIT for splits other than test)
+    RUN/members/<m>/                  ensembles (ensemble, multiswag): member m, itself a complete run directory
+                                      of the member method with seed + m; the ensemble has no adapter/ of its own
+    RUN/eval/TASK/metrics.json, predictions.jsonl, reliability.png   (TASK-SPLIT for splits other than test;
+                                      TASK@METHOD for `evaluate --method`, another predictive of the same run)
 
 Checkpoints hold tensors in safetensors and the rest in JSON: nothing here is ever unpickled.
 """
@@ -32,6 +35,15 @@ POSTERIOR = "posterior"
 CHECKPOINT = "checkpoint"
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
+MEMBERS = "members"
+
+
+def member_dir(run_dir: Path, member: int) -> Path:
+    return Path(run_dir) / MEMBERS / str(member)
+
+
+def posterior_file(run_dir: Path, method: str) -> Path:
+    return Path(run_dir) / POSTERIOR / f"{method}.safetensors"
 
 
 def read_config(run_dir: Path) -> dict:
@@ -49,10 +61,12 @@ def read_config(run_dir: Path) -> dict:
     return data
 
 
-def eval_dir(run_dir: Path, task: str, split: str) -> Path:
-    """eval/TASK for the test split, eval/TASK-SPLIT otherwise; ':' and '/' become '-'."""
+def eval_dir(run_dir: Path, task: str, split: str, method: str | None = None) -> Path:
+    """eval/TASK for the test split, eval/TASK-SPLIT otherwise; ':' and '/' become '-'. An evaluation with
+    another predictive than the run's own method (`evaluate --method`) goes to eval/TASK@METHOD."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", task if not task.startswith("jsonl:") else "jsonl-" + Path(task[6:]).stem)
-    return Path(run_dir) / "eval" / (name if split == "test" else f"{name}-{split}")
+    name = name if split == "test" else f"{name}-{split}"
+    return Path(run_dir) / "eval" / (name if method is None else f"{name}@{method}")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -8,6 +8,7 @@ processes compute the same update. AdamW, linear warm-up then linear decay, grad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from .evaluation.metrics import classification_metrics
 from .framing import class_scores
 from .io import write_json, write_text
 from .methods import get_method
+from .methods.map import MapMethod
 from .models import add_lora, default_framing, load_model
 from .predict import predict_probs
 
@@ -68,7 +70,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def _save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, best_state, accelerator) -> None:
+def _save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, best_state, method, accelerator) -> None:
     tmp = run_dir / (runs.CHECKPOINT + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +79,9 @@ def _save_checkpoint(run_dir: Path, model, optimizer, progress: Progress, best_s
         runs.write_safetensors(tmp / "optimizer.safetensors", runs.optimizer_tensors(optimizer))
         if best_state is not None:
             runs.write_safetensors(tmp / "best.safetensors", best_state)
+        method_state = method.training_state()
+        if method_state:
+            runs.write_safetensors(tmp / "method.safetensors", method_state)
         (tmp / "progress.json").write_text(json.dumps(vars(progress)))
     accelerator.wait_for_everyone()
     rng = {"cpu": torch.get_rng_state()}
@@ -101,11 +106,12 @@ def _load_checkpoint(run_dir: Path, model, optimizer, accelerator):
     except TypeError:
         raise UqloraError(f"corrupt checkpoint file {ckpt / 'progress.json'}: unexpected fields") from None
     best = runs.read_safetensors(ckpt / "best.safetensors") if (ckpt / "best.safetensors").exists() else None
+    method_state = runs.read_safetensors(ckpt / "method.safetensors") if (ckpt / "method.safetensors").exists() else {}
     rng = runs.read_safetensors(ckpt / f"rng{accelerator.process_index}.safetensors")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return progress, best
+    return progress, best, method_state
 
 
 def _truncate_log(path: Path, global_step: int) -> None:
@@ -127,14 +133,18 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
 
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False,
           step_hook: Callable[[int], None] | None = None) -> Path:
-    """Train `config` into `run_dir` (or continue it with resume=True); returns the run directory."""
+    """Train `config` into `run_dir` (or continue it with resume=True); returns the run directory.
+
+    An ensemble method trains its members one after another on the same frozen base model, each as a complete
+    run of the member method in RUN/members/<m>/ with seed `seed + m`; --resume skips finished members.
+    """
     from accelerate import Accelerator
 
     run_dir = Path(run_dir)
     accelerator = Accelerator(cpu=config.device == "cpu")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UqloraError(f"run directory {run_dir} already exists; use --resume to continue it or another --out")
-    method = get_method(config.method)
+    method = get_method(config.method, config)
     if not method.trains:
         raise UqloraError(f"method {config.method!r} is not trained; use `uqlora evaluate`")
 
@@ -142,13 +152,9 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
                                max_examples=config.max_examples)
     train_qs, val_qs = split_held_out(questions, config.val_fraction)
     device = str(accelerator.device) if config.device == "auto" else config.device
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=device, quiet=quiet)
-    framing = default_framing(config.model, model) if config.framing == "auto" else config.framing
-    torch.manual_seed(config.seed)  # LoRA initialisation and dropout
-    model = method.prepare(add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                    target_modules=config.lora_targets))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    base, tokenizer = load_model(config.model, dtype=config.dtype, device=device, quiet=quiet)
+    framing = default_framing(config.model, base) if config.framing == "auto" else config.framing
+    data = (tokenizer, framing, train_qs, val_qs)
 
     existed = run_dir.exists()  # then empty (checked above) unless resuming
     try:
@@ -157,13 +163,10 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
             if not resume:
                 write_text(run_dir / runs.CONFIG, dump_yaml({**config.to_dict(), "framing": framing}))
         accelerator.wait_for_everyone()
-        progress, best_state = Progress(), None
-        if resume:
-            progress, best_state = _load_checkpoint(run_dir, model, optimizer, accelerator)
-            if accelerator.is_main_process:
-                _truncate_log(run_dir / runs.TRAIN_LOG, progress.global_step)
-        _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, train_qs, val_qs,
-             progress, best_state, accelerator, quiet, step_hook)
+        if method.member_method is None:
+            _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hook)
+        else:
+            _train_members(config, run_dir, method.member_method, base, data, accelerator, quiet, step_hook)
     except UqloraError:
         if not resume and accelerator.is_main_process:  # nothing half-written: leave --out as it was
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -173,8 +176,53 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
     return run_dir
 
 
+def _train_members(config, run_dir, member_method, base, data, accelerator, quiet, step_hook) -> None:
+    """Members m = 0..M-1 in turn: finished ones (adapter saved) are kept, a checkpointed one is resumed."""
+    summaries = []
+    for m in range(config.members):
+        member_config = dataclasses.replace(config, method=member_method, seed=config.seed + m, members=1)
+        member = runs.member_dir(run_dir, m)
+        finished = (member / runs.SUMMARY).is_file()
+        if not finished:
+            resumable = (member / runs.CHECKPOINT).is_dir()
+            if not resumable and accelerator.is_main_process:
+                shutil.rmtree(member, ignore_errors=True)
+                write_text(member / runs.CONFIG, dump_yaml({**member_config.to_dict(), "framing": data[1]}))
+            accelerator.wait_for_everyone()
+            if not quiet and accelerator.is_main_process:
+                print(f"member {m + 1}/{config.members}: {member_method}, seed {member_config.seed}")
+            model = _train_one(member_config, member, base, data, accelerator, resumable, quiet, step_hook)
+            base = model.unload()  # the frozen base model without this member's LoRA layers, for the next
+        summaries.append(runs.read_json(member / runs.SUMMARY))
+    if accelerator.is_main_process:
+        write_json(run_dir / runs.SUMMARY, {
+            "members": config.members, "member_method": member_method,
+            "steps": sum(s["steps"] for s in summaries),
+            "epoch_seconds": [t for s in summaries for t in s["epoch_seconds"]]})
+    accelerator.wait_for_everyone()
+
+
+def _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hook):
+    """Add fresh LoRA layers (seeded) to `base`, train them into `run_dir`; returns the PEFT model."""
+    tokenizer, framing, train_qs, val_qs = data
+    method = get_method(config.method, config)
+    torch.manual_seed(config.seed)  # LoRA initialisation and dropout
+    model = method.prepare(add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                    target_modules=config.lora_targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    progress, best_state, method_state = Progress(), None, {}
+    if resume:
+        progress, best_state, method_state = _load_checkpoint(run_dir, model, optimizer, accelerator)
+        if accelerator.is_main_process:
+            _truncate_log(run_dir / runs.TRAIN_LOG, progress.global_step)
+    _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, train_qs, val_qs,
+         progress, best_state, method_state, accelerator, quiet, step_hook)
+    return model
+
+
 def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, train_qs, val_qs,
-         progress: Progress, best_state, accelerator, quiet, step_hook) -> None:
+         progress: Progress, best_state, method_state, accelerator, quiet, step_hook) -> None:
     per_step = config.batch_size * config.grad_accum  # questions per optimizer step, over all processes
     steps_per_epoch = math.ceil(len(train_qs) / per_step)
     total = steps_per_epoch * config.epochs
@@ -182,6 +230,9 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
     log_path = run_dir / runs.TRAIN_LOG
     rank, world = accelerator.process_index, accelerator.num_processes
     epoch_seconds: list[float] = []
+    method.on_train_start(model, total, steps_per_epoch)
+    if method_state:
+        method.load_training_state(method_state)
 
     bar = tqdm(total=total, initial=progress.global_step, desc="train", disable=quiet or not accelerator.is_main_process)
     model.train()
@@ -191,7 +242,8 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
         for step in range(progress.step_in_epoch, steps_per_epoch):
             step_idx = order[step * per_step:(step + 1) * per_step]
             for g in optimizer.param_groups:
-                g["lr"] = config.lr * lr_factor(progress.global_step, total, warmup)
+                g["lr"] = method.learning_rate(progress.global_step,
+                                               config.lr * lr_factor(progress.global_step, total, warmup))
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro in range(0, len(step_idx), config.batch_size):
                 local = step_idx[micro:micro + config.batch_size][rank::world]
@@ -227,7 +279,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
                                         best_state, accelerator, quiet)
                 epoch_seconds.append(time.perf_counter() - epoch_start)
             if end_of_epoch or (config.save_every and progress.global_step % config.save_every == 0):
-                _save_checkpoint(run_dir, model, optimizer, progress, best_state, accelerator)
+                _save_checkpoint(run_dir, model, optimizer, progress, best_state, method, accelerator)
             if step_hook is not None:
                 step_hook(progress.global_step)
     bar.close()
@@ -242,9 +294,10 @@ def _end_epoch(config, run_dir, model, tokenizer, framing, method, val_qs, progr
     progress.step_in_epoch = 0
     if not val_qs:
         return best_state
-    probs, _ = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
+    # the held-out slice judges the current weights: the point predictive, whatever the method samples later
+    probs = predict_probs(MapMethod(), model, tokenizer, framing, val_qs, accelerator=accelerator,
                              batch_size=config.batch_size, max_length=config.max_length, quiet=quiet,
-                             desc="held-out")
+                             desc="held-out").probs
     metrics = classification_metrics(probs, torch.tensor([q.label for q in val_qs]))
     if accelerator.is_main_process:
         with open(run_dir / runs.TRAIN_LOG, "a", encoding="utf-8") as log:
@@ -262,6 +315,7 @@ def _finish(config, run_dir, model, method, progress, best_state, accelerator, e
     """Write the final adapter (the best epoch's, when a held-out slice chose one) and drop the checkpoint."""
     if best_state is not None:
         runs.load_trainable_state(model, best_state, "best-epoch state")
+    method.on_train_end(model)
     if accelerator.is_main_process:
         tmp = run_dir / (runs.ADAPTER + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,7 +324,7 @@ def _finish(config, run_dir, model, method, progress, best_state, accelerator, e
         state = method.state_dict()
         if state:
             (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
-            runs.write_safetensors(run_dir / runs.POSTERIOR / f"{method.name}.safetensors", state)
+            runs.write_safetensors(runs.posterior_file(run_dir, method.name), state)
         write_json(run_dir / runs.SUMMARY, {
             "steps": progress.global_step, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
             "train_questions": n_train, "held_out_questions": n_val,

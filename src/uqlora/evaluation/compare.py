@@ -54,8 +54,10 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
             paths = [task_eval_dir(run_dir, task, "test") / "metrics.json"]
             if not paths[0].is_file():
                 raise UqloraError(f"{paths[0]} does not exist: run {run_dir.name} has no evaluation on {task}.")
-        for path in paths:
-            rows.append({"run": run_dir.name, "method": method, "task": path.parent.name, **_read_metrics(path)})
+        for path in paths:  # eval/TASK@METHOD: another predictive of the same run (`evaluate --method`)
+            task_name, _, predictive = path.parent.name.partition("@")
+            rows.append({"run": run_dir.name, "method": predictive or method, "task": task_name,
+                         **_read_metrics(path)})
     return rows
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from ..errors import UqloraError
-from .base import Method
+from .base import Adapter, Method
+from .ensemble import EnsembleMethod, MultiSwagMethod
 from .map import MapMethod, ZeroShotMethod
+from .mc_dropout import McDropoutMethod
+from .swag import SwagMethod, SwaMethod
 
-METHODS: dict[str, type[Method]] = {"map": MapMethod, "zero-shot": ZeroShotMethod}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod)}
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, config=None) -> Method:
+    """The method called `name`, configured by the run's TrainConfig."""
     if name not in METHODS:
         raise UqloraError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]()
+    return METHODS[name](config)
 
-
-def trainable_methods() -> list[str]:
-    return sorted(n for n, cls in METHODS.items() if cls.trains)

@@ -1,12 +1,17 @@
 """The protocol every method follows (DESIGN.md "One protocol for every method").
 
-A method sees a model and a function from questions to class scores [B, C]; it never reads files.
+A method sees a model and a function from questions to class scores [B, C]; it never reads files. Its life:
+    training   prepare -> on_train_start -> (learning_rate, loss, on_step_end) per step -> on_train_end
+               -> state_dict() saved in the run's posterior/ (training_state() in checkpoints, for --resume)
+    evaluation bind(model, adapters) with each adapter's posterior -> predict per batch of questions
+Ensembles (`member_method`) are trained as independent runs of the member method, one per seed.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,30 +21,84 @@ from ..errors import UqloraError
 ScoreFn = Callable[[list[Question]], torch.Tensor]  # questions -> class scores [B, C] (-inf: absent choice)
 
 
+class Adapter(NamedTuple):
+    """One LoRA adapter loaded on the model at evaluation: its PEFT name and its saved posterior tensors."""
+
+    name: str
+    posterior: dict[str, torch.Tensor]
+
+
+def draw_generator(seed: int, member: int, sample: int) -> torch.Generator:
+    """A CPU generator for posterior draw `sample` of `member`: the same draw on every batch and process."""
+    state = np.random.SeedSequence([seed, member, sample]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 class Method:
     name = "base"
     trains = True  # False: a post-hoc method or zero-shot, applied to a trained (or base) model
+    sampling = False  # True: predict draws S > 1 posterior samples (--samples)
+    default_samples = 1
+    member_method: str | None = None  # ensembles: the method each member is trained with
 
+    def __init__(self, config=None):
+        self.config = config  # the run's TrainConfig (None for bare use in tests)
+        self.model = None
+        self.adapters: list[Adapter] = []
+        self.seed = 0
+
+    # ---- training ----
     def prepare(self, model):
         """Wrap or modify layers before training (e.g. variational LoRA); the default changes nothing."""
         return model
+
+    def on_train_start(self, model, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once before the first optimizer step (and again when a run resumes)."""
+
+    def learning_rate(self, step: int, scheduled: float) -> float:
+        """The learning rate of 0-based optimizer step `step`, given the warm-up/decay schedule's value."""
+        return scheduled
 
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-question training loss [B] from scores [B, C] and labels [B]; extra terms are added by subclasses."""
         return F.cross_entropy(scores, labels, reduction="none")
 
     def on_step_end(self, model, step: int) -> None:
-        """Called after every optimizer step (e.g. SWAG moment collection)."""
+        """Called after every optimizer step (e.g. SWAG moment collection); `step` counts from 1."""
 
-    def predict(self, score_fn: ScoreFn, questions: list[Question], n_samples: int) -> torch.Tensor:
-        """Class probabilities of S posterior draws: [S, B, C]."""
-        raise NotImplementedError
+    def on_train_end(self, model) -> None:
+        """Called after the last step, before the adapter is saved (e.g. SWA writes its mean into the model)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Posterior state, saved as safetensors in the run's posterior/ folder; empty for point estimates."""
         return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep for a bit-exact --resume; by default the posterior state."""
+        return self.state_dict()
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise UqloraError(f"method {self.name!r} keeps no posterior state, but the run's posterior/ has "
-                              f"{sorted(state)[:3]}: it belongs to another method")
+            raise UqloraError(f"method {self.name!r} keeps no training state, but the checkpoint has "
+                              f"{sorted(state)[:3]}")
+
+    # ---- evaluation ----
+    def bind(self, model, adapters: list[Adapter], *, seed: int = 0) -> None:
+        """Attach the model with its loaded adapters; `seed` fixes the posterior draws."""
+        self.model, self.adapters, self.seed = model, adapters, seed
+        for adapter in adapters:
+            if adapter.posterior:
+                raise UqloraError(f"method {self.name!r} keeps no posterior state, but the run's posterior/ has "
+                                  f"{sorted(adapter.posterior)[:3]}: it belongs to another method")
+
+    def check_samples(self, n_samples: int | None) -> int:
+        """The number of draws per member: the method's default, or `n_samples` where the method samples."""
+        if n_samples is None:
+            return self.default_samples
+        if n_samples != 1 and not self.sampling:
+            raise UqloraError(f"method {self.name!r} has a deterministic predictive; --samples does not apply")
+        return n_samples
+
+    def predict(self, score_fn: ScoreFn, questions: list[Question], n_samples: int) -> torch.Tensor:
+        """Class probabilities of S posterior draws: [S, B, C]."""
+        raise NotImplementedError
