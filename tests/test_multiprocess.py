@@ -52,3 +52,23 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir):
     assert ids == [f"q{i}" for i in range(22)]  # each question once, in order
     summary = json.loads((tmp_path / "p2" / "train_summary.json").read_text())
     assert summary["processes"] == 2
+
+
+def test_swag_two_processes_equal_one(tmp_path, tiny_model_dir):
+    """SWAG under two processes: the same moments (every process collects the same all-reduced weights) and
+    the same sampled predictive (draws are seeded per sample, not per process)."""
+    task = f"jsonl:{write_jsonl_task(tmp_path / 'arith.jsonl', 22)}"
+    args = ["--model", tiny_model_dir, "--task", task, "--epochs", "2", "--batch-size", "4", "--lr", "5e-3",
+            "--lora-dropout", "0", "--device", "cpu", "--framing", "cloze", "--quiet", "--method", "swag",
+            "--swag-every", "1", "--swag-rank", "3"]
+    for n in (1, 2):
+        uqlora("train", *args, "--out", tmp_path / f"p{n}", processes=n)
+        uqlora("evaluate", tmp_path / f"p{n}", "--task", task, "--samples", "3", "--quiet", processes=n)
+    one, two = (load_file(tmp_path / f"p{n}" / "posterior" / "swag.safetensors") for n in (1, 2))
+    assert one.keys() == two.keys() and one["n_collected"].item() == 6
+    for k in one:
+        torch.testing.assert_close(one[k].float(), two[k].float(), atol=1e-5, rtol=1e-4)
+    p1, p2 = ([json.loads(line)["probs"] for line in (tmp_path / f"p{n}" / "eval" / "jsonl-arith" /
+                                                        "predictions.jsonl").read_text().splitlines()]
+              for n in (1, 2))
+    torch.testing.assert_close(torch.tensor(p1), torch.tensor(p2), atol=1e-4, rtol=0)

@@ -54,7 +54,8 @@ class TrainConfig:
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end of each epoch)")
     members: int = _opt(5, "ensemble, multiswag: independently trained members (seeds seed, seed+1, ...)")
     swag_start: float = _opt(0.5, "swa, swag: fraction of the optimizer steps done before collection starts")
-    swag_every: int = _opt(0, "swa, swag: collect every N optimizer steps once started (0: at each epoch's end)")
+    swag_every: int = _opt(0, "swa, swag: once started, collect after every optimizer step whose number is a "
+                                   "multiple of N (0: N = steps per epoch, i.e. at each epoch's end)")
     swag_rank: int = _opt(20, "swag: maximum rank K of the deviation matrix (the last K snapshots)")
     swa_lr: typing.Optional[float] = _opt(None, "swa, swag: constant learning rate once collection starts "
                                                 "(default: keep the warm-up/decay schedule)")

@@ -296,8 +296,8 @@ def _end_epoch(config, run_dir, model, tokenizer, framing, method, val_qs, progr
         return best_state
     # the held-out slice judges the current weights: the point predictive, whatever the method samples later
     probs = predict_probs(MapMethod(), model, tokenizer, framing, val_qs, accelerator=accelerator,
-                             batch_size=config.batch_size, max_length=config.max_length, quiet=quiet,
-                             desc="held-out").probs
+                          batch_size=config.batch_size, max_length=config.max_length, quiet=quiet,
+                          desc="held-out").probs
     metrics = classification_metrics(probs, torch.tensor([q.label for q in val_qs]))
     if accelerator.is_main_process:
         with open(run_dir / runs.TRAIN_LOG, "a", encoding="utf-8") as log:
