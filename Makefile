@@ -27,7 +27,13 @@ demo: install
 demo-fast: install
 	$(BIN)/uqlora demo --fast
 
-test: install
+# The Triton kernel's tests run it on the CPU through Triton's interpreter (TRITON_INTERPRET=1); triton is an
+# optional extra, installed for the tests only.
+$(VENV)/.triton: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[triton]"
+	touch $@
+
+test: install $(VENV)/.triton
 	$(BIN)/pytest -q
 
 clean:
