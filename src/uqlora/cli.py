@@ -1,4 +1,4 @@
-"""The `uqlora` command: train, evaluate, compare, demo, tasks.
+"""The `uqlora` command: train, evaluate, compare, demo, tasks, sft.
 
 Every failure the user can fix (bad input, missing file, mismatched adapter, NaN loss) is a UqloraError:
 one line `error: ...` on stderr and exit status 2.
@@ -28,6 +28,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p)
+
+
+def _sft_parser(sub) -> None:
+    from .sft.config import SftConfig
+
+    p = sub.add_parser("sft", help="instruction-tune a model (LoRA or full) with a label-smoothed loss",
+                       description="Supervised fine-tuning on instruction data (docs/sft.md), loss on the assistant "
+                                   "tokens only. Flags override the YAML --config file; the resolved config is saved "
+                                   "in the run, which `uqlora evaluate RUN --task ...` then evaluates.")
+    p.add_argument("--out", required=True, type=Path, help="run directory to create (or continue with --resume)")
+    p.add_argument("--config", help="YAML file of options (the same names as the flags, with _ or -)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, SftConfig)
 
 
 def _eval_parser(sub) -> None:
@@ -79,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _compare_parser(sub)
     _demo_parser(sub)
+    _sft_parser(sub)
     sub.add_parser("tasks", help="list the tasks and their splits")
     return parser
 
@@ -101,6 +116,23 @@ def cmd_train(args) -> None:
         config = resolve(args.config, flags)
     train(config, args.out, resume=args.resume, quiet=args.quiet)
     print(f"trained {config.method} on {config.task}/{config.split}: {args.out}")
+
+
+def cmd_sft(args) -> None:
+    from .sft.config import SftConfig, config_from_run
+    from .sft.train import sft
+
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if args.resume:
+        config = config_from_run(runs.read_config(args.out), f"{args.out / runs.CONFIG}")
+        changed = sorted(k for k, v in flags.items() if getattr(config, k) != v)
+        if args.config or changed:
+            raise UqloraError(f"--resume continues {args.out} as it was configured; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in changed) or '--config'}")
+    else:
+        config = resolve(args.config, flags, SftConfig)
+    sft(config, args.out, resume=args.resume, quiet=args.quiet)
+    print(f"fine-tuned ({config.method}, label smoothing {config.label_smoothing}) on {config.data}: {args.out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -168,7 +200,7 @@ def cmd_tasks(_args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
-            "tasks": cmd_tasks}
+            "tasks": cmd_tasks, "sft": cmd_sft}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted; `uqlora train --out DIR --resume` continues a training run", file=sys.stderr)
+        print("interrupted; `uqlora train --out DIR --resume` (or `uqlora sft ...`) continues a training run",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

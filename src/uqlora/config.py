@@ -1,12 +1,14 @@
 """Training configuration: one dataclass is the YAML file, the CLI flags and the saved `config.yaml`.
 
-Precedence: dataclass defaults < `--config FILE.yaml` < flags given on the command line.
+Precedence: dataclass defaults < `--config FILE.yaml` < flags given on the command line. The helpers take the
+dataclass (`cls`, TrainConfig by default): `uqlora sft` uses them with its SftConfig.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +106,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def _base_type(hint):
@@ -112,37 +116,51 @@ def _base_type(hint):
     return _base_type(args[0]) if typing.get_origin(hint) in (typing.Union, list) and args else hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (`--lora-r`), defaulting to 'not given' so the YAML file can fill it."""
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        hint = _HINTS[f.name]
+def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per field of the config dataclass `cls` (`--lora-r`), defaulting to 'not given' so the YAML
+    file can fill it. A bool field gets `--name` / `--no-name`."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
         default = getattr(defaults, f.name)
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})",
-                      type=_base_type(hint))
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _base_type(hint)
         if typing.get_origin(hint) is list:
             kwargs["nargs"] = "+"
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def from_mapping(values: dict, where: str) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def from_mapping(values: dict, where: str, cls=TrainConfig):
+    """A validated `cls` (TrainConfig by default) from option: value pairs; unknown names are refused."""
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise UqloraError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    return TrainConfig(**{k: _coerce(k, v, where) for k, v in values.items()}).validate()
+    return cls(**{k: _coerce(cls, k, v, where) for k, v in values.items()}).validate()
 
 
-def _coerce(name: str, value, where: str):
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _coerce(cls, name: str, value, where: str):
     """Give a YAML value its field's type (YAML reads `3e-4` as a string); a clear error if it can't."""
-    hint = _HINTS[name]
+    hint = _hints(cls)[name]
     if value is None and type(None) in typing.get_args(hint):
         return None
     base = _base_type(hint)
     try:
         if typing.get_origin(hint) is list:
             return [base(v) for v in ([value] if isinstance(value, str) else value)]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _BOOLS:
+                return _BOOLS[value.lower()]
+            raise ValueError
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return base(value)
@@ -163,13 +181,13 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def resolve(config_file: str | None, flags: dict) -> TrainConfig:
+def resolve(config_file: str | None, flags: dict, cls=TrainConfig):
     """Defaults < YAML file < flags."""
     values = read_yaml(config_file) if config_file else {}
     where = f"config file {config_file}" if config_file else "options"
     values = {k.replace("-", "_"): v for k, v in values.items()}
     values.update(flags)
-    return from_mapping(values, where)
+    return from_mapping(values, where, cls)
 
 
 def dump_yaml(data: dict) -> str:

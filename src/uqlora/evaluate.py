@@ -59,6 +59,7 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
 
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
+    config = get_method(config["method"]).run_settings(config, run_dir)  # an sft run's config is an SftConfig
     if opts.n_bins < 1 or (opts.samples is not None and opts.samples < 1) or opts.batch_size < 1:
         raise UqloraError("--n-bins, --samples and --batch-size must be >= 1")
     overrides = {} if opts.swag_scale is None else {"swag_scale": opts.swag_scale}

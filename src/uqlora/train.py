@@ -145,6 +145,8 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UqloraError(f"run directory {run_dir} already exists; use --resume to continue it or another --out")
     method = get_method(config.method, config)
+    if method.trained_by != "train":
+        raise UqloraError(f"method {config.method!r} runs are made by `uqlora {method.trained_by}`, not `uqlora train`")
     if not method.trains:
         raise UqloraError(f"method {config.method!r} is not trained; use `uqlora evaluate`")
 

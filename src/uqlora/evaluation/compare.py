@@ -45,7 +45,10 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
     for run_dir in map(Path, run_dirs):
         if not run_dir.is_dir():
             raise UqloraError(f"run directory {run_dir} does not exist.")
-        method = read_config(run_dir)["method"]
+        config = read_config(run_dir)
+        method = config["method"]
+        if "label_smoothing" in config:  # `uqlora sft` runs: the smoothing tells the arms of an experiment apart
+            method = f"{method} ls={float(config['label_smoothing']):g}"
         if task is None:
             paths = sorted((run_dir / "eval").glob("*/metrics.json"))
             if not paths:

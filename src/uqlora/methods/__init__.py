@@ -7,10 +7,12 @@ from .base import Adapter, Method
 from .ensemble import EnsembleMethod, MultiSwagMethod
 from .map import MapMethod, ZeroShotMethod
 from .mc_dropout import McDropoutMethod
+from .sft import SftFullMethod, SftMethod
 from .swag import SwagMethod, SwaMethod
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod)}
+    MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod,
+    SftMethod, SftFullMethod)}
 
 
 def get_method(name: str, config=None) -> Method:

@@ -40,6 +40,7 @@ class Method:
     sampling = False  # True: predict draws S > 1 posterior samples (--samples)
     default_samples = 1
     member_method: str | None = None  # ensembles: the method each member is trained with
+    trained_by = "train"  # the command that makes runs of this method (`uqlora sft` for sft, sft-full)
 
     def __init__(self, config=None):
         self.config = config  # the run's TrainConfig (None for bare use in tests)
@@ -83,6 +84,10 @@ class Method:
                               f"{sorted(state)[:3]}")
 
     # ---- evaluation ----
+    def run_settings(self, config: dict, run_dir) -> dict:
+        """The run's config.yaml as the TrainConfig-named settings evaluate reads (model, dtype, framing, ...)."""
+        return config
+
     def bind(self, model, adapters: list[Adapter], *, seed: int = 0) -> None:
         """Attach the model with its loaded adapters; `seed` fixes the posterior draws."""
         self.model, self.adapters, self.seed = model, adapters, seed
