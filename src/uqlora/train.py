@@ -131,6 +131,19 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
         p.grad = accelerator.reduce(p.grad, reduction="sum")
 
 
+def optimizer_step(loss: float, params: list[torch.nn.Parameter], optimizer, max_grad_norm: float, accelerator,
+                   progress: Progress) -> None:
+    """Refuse a non-finite step loss, sum the gradients over processes, clip them, step (train and sft)."""
+    if not math.isfinite(loss):
+        raise UqloraError(f"non-finite training loss ({loss}) at step {progress.global_step + 1}, epoch "
+                          f"{progress.epoch + 1}; lower --lr or check the data")
+    _all_reduce_grads(params, accelerator)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False,
           step_hook: Callable[[int], None] | None = None) -> Path:
     """Train `config` into `run_dir` (or continue it with resume=True); returns the run directory.
@@ -258,14 +271,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
                 (losses.sum() / len(step_idx)).backward()
                 loss_sum += losses.detach().sum().to(loss_sum.device)
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / len(step_idx)
-            if not math.isfinite(loss):
-                raise UqloraError(f"non-finite training loss ({loss}) at step {progress.global_step + 1}, epoch "
-                                  f"{progress.epoch + 1}; lower --lr or check the data")
-            _all_reduce_grads(params, accelerator)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, params, optimizer, config.max_grad_norm, accelerator, progress)
             progress.global_step += 1
             progress.step_in_epoch = step + 1
             method.on_step_end(model, progress.global_step)

@@ -28,8 +28,8 @@ from ..errors import UqloraError
 from ..io import write_json, write_text
 from ..methods import get_method
 from ..models import add_lora, load_model
-from ..train import (Progress, _all_reduce_grads, _load_checkpoint, _save_checkpoint, _truncate_log, epoch_order,
-                     lr_factor)
+from ..train import (Progress, _load_checkpoint, _save_checkpoint, _truncate_log, epoch_order, lr_factor,
+                     optimizer_step)
 from .config import SftConfig, run_config
 from .data import load_conversations
 from .encode import Example, check_chat_template, collate, encode_all, n_targets, pack
@@ -141,14 +141,7 @@ def _fit(config: SftConfig, run_dir: Path, base, tokenizer, rows: list[Example],
                 (loss / step_tokens).backward()
                 loss_sum += loss.detach().float().to(loss_sum.device)
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
-            if not math.isfinite(loss):
-                raise UqloraError(f"non-finite training loss ({loss}) at step {progress.global_step + 1}, epoch "
-                                  f"{progress.epoch + 1}; lower --lr or check the data")
-            _all_reduce_grads(params, accelerator)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, params, optimizer, config.max_grad_norm, accelerator, progress)
             progress.global_step += 1
             progress.step_in_epoch = step + 1
             if accelerator.is_main_process:
