@@ -74,3 +74,15 @@ def write_jsonl_task(path: Path, n: int, seed: int = 0) -> Path:
 @pytest.fixture
 def task_file(tmp_path) -> Path:
     return write_jsonl_task(tmp_path / "arith.jsonl", 24)
+
+
+class Interrupt(Exception):
+    """Raised by `stop_at` to cut a training run short, as a crash or Ctrl-C would."""
+
+
+def stop_at(step: int):
+    """A training step_hook that raises Interrupt once optimizer step `step` (counting from 1) is done."""
+    def hook(global_step: int) -> None:
+        if global_step == step:
+            raise Interrupt
+    return hook

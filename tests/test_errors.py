@@ -12,8 +12,8 @@ import yaml
 from uqlora.cli import main
 from uqlora.train import train
 
-from conftest import write_jsonl_task
-from test_train import Interrupt, config_for
+from conftest import Interrupt, stop_at, write_jsonl_task
+from test_train import config_for
 
 
 def run_cli(capsys, *argv) -> str:
@@ -141,12 +141,8 @@ def test_adapter_for_another_model(capsys, tmp_path, tiny_model_dir, other_tiny_
 def test_corrupt_checkpoint(capsys, tmp_path, tiny_model_dir, task_file):
     cfg = config_for(tiny_model_dir, task_file, save_every=2)
 
-    def stop(step):
-        if step == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "run", quiet=True, step_hook=stop)
+        train(cfg, tmp_path / "run", quiet=True, step_hook=stop_at(3))
     target = tmp_path / "run" / "checkpoint" / "trainable.safetensors"
     target.write_bytes(target.read_bytes()[:100])
     msg = run_cli(capsys, "train", "--out", tmp_path / "run", "--resume", "--quiet")

@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import Interrupt, stop_at
 from uqlora.cli import main
 from uqlora.config import TrainConfig
 from uqlora.errors import UqloraError
@@ -132,17 +133,6 @@ def test_swag_samples_in_place_and_restores_the_mean(swag_run, tiny_model_dir, t
     assert len(seen) == 3 and all(not torch.equal(s, mean) for s in seen) and not torch.equal(seen[0], seen[1])
     assert torch.equal(flatten(method.params), mean)
     assert [p.data_ptr() for p in method.params] == pointers
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(step):
-    def hook(global_step):
-        if global_step == step:
-            raise Interrupt
-    return hook
 
 
 def test_swag_resume_matches_uninterrupted(tmp_path, swag_run, tiny_model_dir, task):

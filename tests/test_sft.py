@@ -23,9 +23,8 @@ from uqlora.sft.data import Conversation, instruction_messages, load_conversatio
 from uqlora.sft.encode import IGNORE, collate, encode, encode_all, pack
 from uqlora.sft.loss import sft_loss
 
-from conftest import SHARED_DATA, tiny_llama, write_jsonl_task
+from conftest import SHARED_DATA, Interrupt, stop_at, tiny_llama, write_jsonl_task
 from test_errors import run_cli
-from test_train import Interrupt
 
 SMOL_SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                "<|im_end|>\n")
@@ -240,12 +239,9 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, sft_data):
                      packing=True, max_length=96, seed=3, label_smoothing=0.1)
     whole = sft(cfg, tmp_path / "whole", quiet=True)
 
-    def stop_at_3(step):
-        if step == 3:
-            raise Interrupt
 
     with pytest.raises(Interrupt):
-        sft(cfg, tmp_path / "cut", quiet=True, step_hook=stop_at_3)
+        sft(cfg, tmp_path / "cut", quiet=True, step_hook=stop_at(3))
     assert (tmp_path / "cut" / "checkpoint").is_dir() and not (tmp_path / "cut" / "adapter").exists()
     assert main(["sft", "--out", str(tmp_path / "cut"), "--resume", "--quiet"]) == 0
     a = load_file(whole / "adapter" / "adapter_model.safetensors")

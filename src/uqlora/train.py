@@ -8,6 +8,7 @@ processes compute the same update. AdamW, linear warm-up then linear decay, grad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,24 +172,32 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
     framing = default_framing(config.model, base) if config.framing == "auto" else config.framing
     data = (tokenizer, framing, train_qs, val_qs)
 
-    existed = run_dir.exists()  # then empty (checked above) unless resuming
-    try:
-        if accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                write_text(run_dir / runs.CONFIG, dump_yaml({**config.to_dict(), "framing": framing}))
-        accelerator.wait_for_everyone()
+    with run_directory(run_dir, {**config.to_dict(), "framing": framing}, resume, accelerator):
         if method.member_method is None:
             _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hook)
         else:
             _train_members(config, run_dir, method.member_method, base, data, accelerator, quiet, step_hook)
+    return run_dir
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: Path, config: dict, resume: bool, accelerator):
+    """Create `run_dir` with its config.yaml (kept as it is when resuming) for the training inside the block;
+    on a UqloraError remove what a fresh run wrote, so --out is left as it was (train and sft)."""
+    existed = run_dir.exists()  # then empty (the callers check) unless resuming
+    try:
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                write_text(run_dir / runs.CONFIG, dump_yaml(config))
+        accelerator.wait_for_everyone()
+        yield
     except UqloraError:
-        if not resume and accelerator.is_main_process:  # nothing half-written: leave --out as it was
+        if not resume and accelerator.is_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)
             if existed:
                 run_dir.mkdir()
         raise
-    return run_dir
 
 
 def _train_members(config, run_dir, member_method, base, data, accelerator, quiet, step_hook) -> None:

@@ -23,13 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import runs
-from ..config import dump_yaml
 from ..errors import UqloraError
-from ..io import write_json, write_text
+from ..io import write_json
 from ..methods import get_method
 from ..models import add_lora, load_model
 from ..train import (Progress, _load_checkpoint, _save_checkpoint, _truncate_log, epoch_order, lr_factor,
-                     optimizer_step)
+                     optimizer_step, run_directory)
 from .config import SftConfig, run_config
 from .data import load_conversations
 from .encode import Example, check_chat_template, collate, encode_all, n_targets, pack
@@ -62,20 +61,8 @@ def sft(config: SftConfig, run_dir: Path, *, resume: bool = False, quiet: bool =
                           f"within max_length={config.max_length}; raise --max-length")
     rows = pack(examples, config.max_length) if config.packing else examples
 
-    existed = run_dir.exists()  # then empty (checked above) unless resuming
-    try:
-        if accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                write_text(run_dir / runs.CONFIG, dump_yaml(run_config(config, run_dir)))
-        accelerator.wait_for_everyone()
+    with run_directory(run_dir, run_config(config, run_dir), resume, accelerator):
         _fit(config, run_dir, base, tokenizer, rows, (len(examples), dropped), accelerator, resume, quiet, step_hook)
-    except UqloraError:
-        if not resume and accelerator.is_main_process:  # nothing half-written: leave --out as it was
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if existed:
-                run_dir.mkdir()
-        raise
     return run_dir
 
 
