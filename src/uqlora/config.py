@@ -65,7 +65,8 @@ class LoraRunOptions:
 class TrainConfig(LoraRunOptions):
     task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
     split: str = _opt("train", "split to train on")
-    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble")
+    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble, laplace, "
+                              "laplace-ll (MAP, then the Laplace fit)")
     framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
     epochs: int = _opt(3, "passes over the training questions")
     lr: float = _opt(3e-4, "peak AdamW learning rate")
@@ -85,6 +86,20 @@ class TrainConfig(LoraRunOptions):
     swag_scale: float = _opt(1.0, "swag: covariance scale of the samples (`evaluate --swag-scale` overrides)")
     swag_device: str = _opt("param", "swa, swag: keep the (K+2)*P moments on the LoRA parameters' device "
                                      "(param) or on the cpu")
+
+    curvature: str = _opt("fisher", "laplace: fisher (one sampled label per question, 1 backward pass per batch: "
+                                    "the GGN in expectation) or ggn (exact, C backward passes)")
+    kfac_max_full_dim: int = _opt(1024, "laplace: K-FAC factors with a larger side are kept as low rank + diagonal")
+    kfac_rank: int = _opt(64, "laplace: rank of those low-rank factors")
+    prior_fit: str = _opt("marglik", "laplace: prior precision by marglik (Laplace evidence) or val-nll (NLL of "
+                                     "the validation questions)")
+    link: str = _opt("probit", "laplace: predictive from the Gaussian logits, probit or mc (`evaluate --link` "
+                               "overrides)")
+    val_examples: int = _opt(200, "laplace (val-nll), temperature: validation questions, the run's held-out "
+                                  "slice if val_fraction > 0, else this many training-split questions it did not "
+                                  "train on")
+    base_method: typing.Optional[str] = _opt(None, "temperature: the method whose predictive it rescales (set "
+                                                   "by `uqlora posthoc`)")
 
     def validate(self) -> "TrainConfig":
         self.check_shared(("epochs", "lr", "batch_size", "max_length"))
@@ -106,6 +121,13 @@ class TrainConfig(LoraRunOptions):
             raise UqloraError("config: swa_lr must be > 0 and swag_scale >= 0")
         if self.swag_device not in ("param", "cpu"):
             raise UqloraError(f"config: swag_device must be param or cpu, got {self.swag_device!r}")
+        if self.curvature not in ("ggn", "fisher") or self.prior_fit not in ("marglik", "val-nll"):
+            raise UqloraError(f"config: curvature must be ggn or fisher ({self.curvature!r}), prior_fit marglik "
+                              f"or val-nll ({self.prior_fit!r})")
+        if self.link not in ("probit", "mc"):
+            raise UqloraError(f"config: link must be probit or mc, got {self.link!r}")
+        if self.kfac_max_full_dim < 1 or self.kfac_rank < 1 or self.val_examples < 1:
+            raise UqloraError("config: kfac_max_full_dim, kfac_rank and val_examples must be >= 1")
         if self.method == "mc-dropout" and self.lora_dropout == 0:
             raise UqloraError("config: mc-dropout samples the LoRA dropout, but lora_dropout is 0")
         if self.method in ("swa", "swag", "multiswag") and self.val_fraction > 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -16,7 +17,7 @@ from .errors import UqloraError
 from .evaluation.metrics import classification_metrics, predictive_entropy
 from .evaluation.reliability import plot_reliability
 from .io import write_json, write_jsonl, write_text
-from .methods import Adapter, get_method
+from .methods import Adapter, Method, get_method
 from .models import default_framing, load_adapter, load_model
 from .predict import predict_probs
 
@@ -31,6 +32,7 @@ class EvalOptions:
     seed: int = 0  # seed of the posterior draws
     swag_scale: float | None = None  # default: the run's
     method: str | None = None  # another predictive of the same training (ALTERNATIVE_PREDICTIVES)
+    link: str | None = None  # laplace: probit or mc; default: the run's
     batch_size: int = 8
     data_dir: str | None = None  # default: the run's
     source: str | None = None  # default: the run's, else auto
@@ -55,34 +57,23 @@ def init_zero_shot_run(out: Path, model: str, framing: str = "auto", max_length:
 
 def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
     """Evaluate a run directory on one task and split; returns the metrics (also written to disk)."""
-    from accelerate import Accelerator
-
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     config = get_method(config["method"]).run_settings(config, run_dir)  # an sft run's config is an SftConfig
     if opts.n_bins < 1 or (opts.samples is not None and opts.samples < 1) or opts.batch_size < 1:
         raise UqloraError("--n-bins, --samples and --batch-size must be >= 1")
-    overrides = {} if opts.swag_scale is None else {"swag_scale": opts.swag_scale}
-    trained = get_method(config["method"])
+    overrides = {k: v for k, v in (("swag_scale", opts.swag_scale), ("link", opts.link)) if v is not None}
     method_name = _predictive(config["method"], opts.method)
-    method = get_method(method_name, from_mapping({**config, **overrides, "method": method_name},
-                                                   f"{run_dir / runs.CONFIG}"))
+    run = open_run(run_dir, config, method_name, overrides, seed=opts.seed, device=opts.device, dtype=opts.dtype,
+                   quiet=opts.quiet)
+    method, model, tokenizer, framing, accelerator = run
     n_samples = method.check_samples(opts.samples)
     questions = load_questions(opts.task, opts.split, data_dir=opts.data_dir or config.get("data_dir"),
                                source=opts.source or config.get("source") or "auto",
                                max_examples=opts.max_examples)
-    device = opts.device or config.get("device", "auto")
-    accelerator = Accelerator(cpu=device == "cpu")
-    model, tokenizer = load_model(config["model"], dtype=opts.dtype or config.get("dtype", "auto"),
-                                  device=str(accelerator.device) if device == "auto" else device, quiet=opts.quiet)
-    model, adapters = _load_adapters(trained, model, run_dir, config)
-    torch.manual_seed(opts.seed)  # draws that use the global generator (MC dropout)
-    method.bind(model, adapters, seed=opts.seed)
-    framing = config.get("framing", "auto")
-    framing = default_framing(config["model"], model) if framing == "auto" else framing
 
     start = time.perf_counter()
-    probs, draws, mutual_info = predict_probs(
+    probs, draws, mutual_info, _ = predict_probs(
         method, model, tokenizer, framing, questions, accelerator=accelerator, batch_size=opts.batch_size,
         max_length=int(config.get("max_length", DEFAULT_MAX_LENGTH)), n_samples=n_samples, quiet=opts.quiet,
         desc=f"evaluate {opts.task}")
@@ -94,8 +85,7 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
                    mean_mutual_information=float(mutual_info.mean()), task=opts.task, split=opts.split,
                    framing=framing, seconds=round(seconds, 2))
     if accelerator.is_main_process:
-        alternative = None if method_name == config["method"] else method_name
-        out = runs.eval_dir(run_dir, opts.task, opts.split, alternative)
+        out = result_dir(run_dir, config, opts)
         write_jsonl(out / "predictions.jsonl", (
             {"id": q.id, "label": q.label, "probs": probs[i, : len(q.choices)].tolist(),
              "entropy": float(entropy[i]), **({"mutual_information": float(mutual_info[i])} if draws > 1 else {})}
@@ -105,6 +95,52 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def result_dir(run_dir: Path, config: dict, opts: EvalOptions) -> Path:
+    """eval/TASK for the run's own predictive; eval/TASK@METHOD for `--method`, eval/TASK@METHOD-LINK for a
+    `--link` other than the run's (compare shows these as methods of their own)."""
+    method = _predictive(config["method"], opts.method)
+    alternative = None if method == config["method"] else method
+    if opts.link is not None and opts.link != config.get("link", "probit"):
+        alternative = f"{method}-{opts.link}"
+    return runs.eval_dir(run_dir, opts.task, opts.split, alternative)
+
+
+class OpenRun(NamedTuple):
+    method: Method  # bound to the model with the run's adapter(s) and posterior
+    model: object
+    tokenizer: object
+    framing: str
+    accelerator: object
+
+
+def open_run(run_dir: Path, config: dict, method_name: str, overrides: dict, *, seed: int = 0,
+             device: str | None = None, dtype: str | None = None, quiet: bool = False) -> OpenRun:
+    """Load a run's model and adapter(s) and bind the predictive `method_name` (the run's method, or one of its
+    ALTERNATIVE_PREDICTIVES); `overrides` replace config values (swag_scale, link); `seed` fixes the draws."""
+    from accelerate import Accelerator
+
+    trained = get_method(config["method"], _config(config, {}, run_dir))
+    method = get_method(method_name, _config(config, {**overrides, "method": method_name}, run_dir))
+    method.load_fitted(run_dir)
+    device = device or config.get("device", "auto")
+    accelerator = Accelerator(cpu=device == "cpu")
+    model, tokenizer = load_model(config["model"], dtype=dtype or config.get("dtype", "auto"),
+                                  device=str(accelerator.device) if device == "auto" else device, quiet=quiet)
+    model, adapters = _load_adapters(trained, model, run_dir, config)
+    torch.manual_seed(seed)  # draws that use the global generator (MC dropout)
+    method.bind(model, adapters, seed=seed)
+    framing = config.get("framing", "auto")
+    framing = default_framing(config["model"], model) if framing == "auto" else framing
+    return OpenRun(method, model, tokenizer, framing, accelerator)
+
+
+def _config(config: dict, overrides: dict, run_dir: Path):
+    """The run's settings as a TrainConfig, with `overrides`; --link only where a Laplace predictive reads it."""
+    if "link" in overrides and not {config["method"], config.get("base_method")} & {"laplace", "laplace-ll"}:
+        raise UqloraError(f"--link applies to laplace and laplace-ll runs, not to a {config['method']} run")
+    return from_mapping({**config, **overrides}, f"{run_dir / runs.CONFIG}")
 
 
 # Predictives that need no other training than the run's own: MC dropout of a (dropout-trained) MAP adapter,
@@ -130,7 +166,7 @@ def _load_adapters(method, model, run_dir: Path, config: dict):
     if not method.trains:
         return model, []
     if method.member_method is None:
-        sources = [("default", run_dir, method.name)]
+        sources = [("default", run_dir, method.posterior_name)]
     else:
         n = int(config.get("members", 0))
         sources = [(f"member{m}", runs.member_dir(run_dir, m), method.member_method) for m in range(n)]

@@ -22,11 +22,12 @@ class Predictive(NamedTuple):
     probs: torch.Tensor  # [N, C_max] mean over the draws of the class probabilities (0 for absent choices)
     draws: int  # S: posterior draws per question
     mutual_information: torch.Tensor  # [N] H(mean_s p_s) - mean_s H(p_s), the epistemic part (0 when S = 1)
+    draw_probs: torch.Tensor | None = None  # [S, N, C_max] every draw's probabilities, with keep_draws=True
 
 
 def predict_probs(method: Method, model, tokenizer, framing: str, questions: list[Question], *, accelerator,
                   batch_size: int, max_length: int, n_samples: int = 1, quiet: bool = False,
-                  desc: str = "predict") -> Predictive:
+                  desc: str = "predict", keep_draws: bool = False) -> Predictive:
     """The predictive of `method` on `questions`: mean probabilities over S posterior draws, and their MI.
 
     Every process gets the full result; each question is scored once, by one process.
@@ -37,7 +38,7 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
         return class_scores(framing, model, tokenizer, qs, max_length)
 
     local = shard(questions, accelerator)
-    rows: list[tuple[int, list[float], float]] = []  # (question index, mean probs, mutual information)
+    rows: list[tuple] = []  # (question index, mean probs, mutual information, draws [S, C] or None)
     draws = 0
     was_training = model.training
     model.eval()
@@ -49,7 +50,8 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
             draws = sample_probs.shape[0]
             mean = sample_probs.float().mean(0).cpu()  # [B, C]: average probabilities, never logits
             mi = mutual_information(sample_probs.double().cpu())  # [B]
-            rows.extend((i, mean[j].tolist(), float(mi[j])) for j, i in enumerate(idx))
+            rows.extend((i, mean[j].tolist(), float(mi[j]), sample_probs[:, j].float().cpu() if keep_draws else None)
+                        for j, i in enumerate(idx))
             bar.update(len(idx) * accelerator.num_processes)
     bar.close()
     model.train(was_training)
@@ -60,6 +62,9 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
     assert [r[0] for r in rows] == list(range(len(questions))), "each question must be predicted exactly once"
     width = max(len(q.choices) for q in questions)
     probs = torch.zeros(len(questions), width)  # [N, C_max]; absent choices keep probability 0
-    for i, p, _ in rows:
+    draw_probs = torch.zeros(draws, len(questions), width) if keep_draws else None  # [S, N, C_max]
+    for i, p, _, d in rows:
         probs[i, : len(questions[i].choices)] = torch.tensor(p[: len(questions[i].choices)])
-    return Predictive(probs, draws, torch.tensor([r[2] for r in rows], dtype=torch.float64))
+        if keep_draws:
+            draw_probs[:, i, : len(questions[i].choices)] = d[:, : len(questions[i].choices)]
+    return Predictive(probs, draws, torch.tensor([r[2] for r in rows], dtype=torch.float64), draw_probs)

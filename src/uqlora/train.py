@@ -172,9 +172,18 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
     framing = default_framing(config.model, base) if config.framing == "auto" else config.framing
     data = (tokenizer, framing, train_qs, val_qs)
 
+    if method.posthoc and accelerator.num_processes > 1:
+        raise UqloraError(f"{config.method}: the post-hoc fit runs in one process; train --method map with "
+                          f"{accelerator.num_processes} processes, then `uqlora posthoc RUN --method {config.method}`")
     with run_directory(run_dir, {**config.to_dict(), "framing": framing}, resume, accelerator):
         if method.member_method is None:
-            _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hook)
+            trained = resume and method.posthoc and (run_dir / runs.SUMMARY).is_file()  # its fit was interrupted
+            model = None if trained else _train_one(config, run_dir, base, data, accelerator, resume, quiet,
+                                                    step_hook)
+            if method.posthoc:
+                from .posthoc.fit import fit_run
+
+                fit_run(run_dir, config, model=model, tokenizer=tokenizer, framing=framing, quiet=quiet)
         else:
             _train_members(config, run_dir, method.member_method, base, data, accelerator, quiet, step_hook)
     return run_dir

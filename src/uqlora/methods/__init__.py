@@ -5,14 +5,16 @@ from __future__ import annotations
 from ..errors import UqloraError
 from .base import Adapter, Method
 from .ensemble import EnsembleMethod, MultiSwagMethod
+from .laplace import LaplaceMethod, LastLayerLaplaceMethod
 from .map import MapMethod, ZeroShotMethod
 from .mc_dropout import McDropoutMethod
 from .sft import SftFullMethod, SftMethod
 from .swag import SwagMethod, SwaMethod
+from .temperature import TemperatureMethod
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod,
-    SftMethod, SftFullMethod)}
+    SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod)}
 
 
 def get_method(name: str, config=None) -> Method:

@@ -41,6 +41,7 @@ class Method:
     default_samples = 1
     member_method: str | None = None  # ensembles: the method each member is trained with
     trained_by = "train"  # the command that makes runs of this method (`uqlora sft` for sft, sft-full)
+    posthoc = False  # True: fitted on a trained run by `uqlora posthoc` (laplace, laplace-ll, temperature)
 
     def __init__(self, config=None):
         self.config = config  # the run's TrainConfig (None for bare use in tests)
@@ -84,6 +85,14 @@ class Method:
                               f"{sorted(state)[:3]}")
 
     # ---- evaluation ----
+    @property
+    def posterior_name(self) -> str:
+        """The run's posterior/<name>.safetensors this method reads (a wrapper reads its base method's)."""
+        return self.name
+
+    def load_fitted(self, run_dir) -> None:
+        """Read what a post-hoc fit left in the run's posterior/ besides the per-adapter tensors (temperature)."""
+
     def run_settings(self, config: dict, run_dir) -> dict:
         """The run's config.yaml as the TrainConfig-named settings evaluate reads (model, dtype, framing, ...)."""
         return config

@@ -1,0 +1,1 @@
+"""Post-hoc predictive tools: the linearised (GLM) Laplace predictive and temperature scaling."""

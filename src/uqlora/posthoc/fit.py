@@ -1,0 +1,198 @@
+"""Post-hoc fits on a trained run: `uqlora posthoc RUN --method laplace|laplace-ll|temperature --out DIR`
+copies RUN into DIR (adapter, posterior, members) and fits there; `uqlora train --method laplace` fits in place.
+
+Questions: the Laplace curvature is summed over the questions the run trained on (its TrainConfig selects them
+again); the validation questions (prior by val-nll, temperature) are the run's held-out slice when it has one,
+else up to `val_examples` questions of its training split it did not train on, drawn with VAL_SEED.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import runs
+from ..config import TrainConfig, from_mapping
+from ..data import load_questions
+from ..data.question import Question
+from ..errors import UqloraError
+from ..framing import class_scores
+from ..io import write_json
+from .curvature import fit_kfac, logit_covariance, logit_jacobians, lora_linears
+from .glm import probit_probs
+from .kfac import fit_prior_precision, log_marginal_likelihood
+
+POSTHOC_METHODS = ("laplace", "laplace-ll", "temperature")
+LAPLACE_BASES = ("map", "mc-dropout", "swa")  # runs whose adapter is one point estimate
+POSTHOC_OPTIONS = ("curvature", "kfac_max_full_dim", "kfac_rank", "prior_fit", "link", "val_examples")
+VAL_SEED = 0
+# prior precisions tried by prior_fit=val-nll: 10^-2 .. 10^6, two per decade
+PRIOR_GRID = tuple(10.0 ** (e / 2) for e in range(-4, 13))
+PROB_FLOOR = torch.finfo(torch.float64).tiny  # log(0) guard for a validation NLL
+COPIED = (runs.ADAPTER, runs.POSTERIOR, runs.MEMBERS, runs.TRAIN_LOG, runs.SUMMARY)
+
+
+def training_questions(config: TrainConfig) -> tuple[list[Question], list[Question]]:
+    """The questions the run trained on and its held-out slice, selected as `uqlora train` selected them."""
+    from ..train import split_held_out
+
+    questions = load_questions(config.task, config.split, data_dir=config.data_dir, source=config.source,
+                               max_examples=config.max_examples)
+    return split_held_out(questions, config.val_fraction)
+
+
+def validation_questions(config: TrainConfig) -> list[Question]:
+    trained, held_out = training_questions(config)
+    if held_out:
+        return held_out
+    seen = {q.id for q in trained}
+    rest = [q for q in load_questions(config.task, config.split, data_dir=config.data_dir, source=config.source)
+            if q.id not in seen]
+    if not rest:
+        raise UqloraError(f"the run trained on every question of {config.task}/{config.split}, so none is left "
+                          "to validate on; train with --val-fraction or --max-examples")
+    keep = sorted(random.Random(VAL_SEED).sample(range(len(rest)), min(config.val_examples, len(rest))))
+    return [rest[i] for i in keep]
+
+
+def posthoc(run_dir: Path, out: Path, method: str, options: dict, *, quiet: bool = False) -> Path:
+    """Fit `method` on the trained run `run_dir` into the new run directory `out`."""
+    from ..train import run_directory
+
+    run_dir, out = Path(run_dir), Path(out)
+    saved = runs.read_config(run_dir)
+    base = saved["method"]
+    if method not in POSTHOC_METHODS:
+        raise UqloraError(f"posthoc --method must be one of {', '.join(POSTHOC_METHODS)}, got {method!r}")
+    if method != "temperature" and base not in LAPLACE_BASES:
+        raise UqloraError(f"{method} needs a run with one point-estimate adapter ({', '.join(LAPLACE_BASES)}); "
+                          f"{run_dir} is a {base} run")
+    if method == "temperature" and (base in ("temperature", "zero-shot") or "task" not in saved):
+        raise UqloraError(f"temperature scaling needs a trained run with a task; {run_dir} is a {base} run")
+    if not (run_dir / runs.SUMMARY).is_file():
+        raise UqloraError(f"{run_dir} has not finished training ({runs.SUMMARY} is missing)")
+    if out.exists() and any(out.iterdir()):
+        raise UqloraError(f"{out} already exists and is not empty; choose another --out")
+    unknown = sorted(set(options) - set(POSTHOC_OPTIONS))
+    if unknown:
+        raise UqloraError(f"posthoc options {unknown} are not post-hoc options ({', '.join(POSTHOC_OPTIONS)})")
+    values = {**saved, **options, "method": method, "base_method": base if method == "temperature" else None}
+    config = from_mapping(values, f"posthoc {run_dir}")
+
+    from accelerate import Accelerator
+
+    with run_directory(out, values, False, Accelerator(cpu=config.device == "cpu")):
+        for name in COPIED:
+            source = run_dir / name
+            if source.is_dir():
+                shutil.copytree(source, out / name)
+            elif source.is_file():
+                shutil.copy2(source, out / name)
+        fit_run(out, config, quiet=quiet)
+    return out
+
+
+def fit_run(run_dir: Path, config: TrainConfig, *, model=None, tokenizer=None, framing=None,
+            quiet: bool = False) -> dict:
+    """Fit the post-hoc method of `config` in `run_dir`; a model already holding the run's adapter may be given."""
+    if config.method == "temperature":
+        return fit_temperature_run(run_dir, config, quiet)
+    if model is None:
+        from ..evaluate import open_run
+
+        model, tokenizer, framing = open_run(run_dir, {**config.to_dict(), "method": "map"}, "map", {},
+                                             quiet=quiet)[1:4]
+    return fit_laplace(run_dir, config, model, tokenizer, framing, quiet)
+
+
+def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: str, quiet: bool) -> dict:
+    """K-FAC over the training questions, the prior precision, then posterior/laplace{.safetensors,.json}."""
+    from ..methods.laplace import blocks_state
+
+    linears = lora_linears(model, last_layer=config.method == "laplace-ll")
+    params = [m.weight for m in linears.values()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def score_fn(qs):
+        return class_scores(framing, model, tokenizer, qs, config.max_length)
+
+    train_qs, _ = training_questions(config)
+    start = time.perf_counter()
+    fit = fit_kfac(model, linears, score_fn, train_qs, curvature=config.curvature, batch_size=config.batch_size,
+                   max_full_dim=config.kfac_max_full_dim, rank=config.kfac_rank, seed=config.seed, quiet=quiet)
+    fit_seconds = time.perf_counter() - start
+    blocks = list(fit.blocks.values())
+    theta_sq = sum(float(p.detach().float().pow(2).sum()) for p in params)
+    start = time.perf_counter()
+    val_nll = None
+    if config.prior_fit == "marglik":
+        prior = fit_prior_precision(blocks, theta_sq)
+    else:
+        prior, val_nll = prior_by_validation_nll(blocks, params, score_fn, validation_questions(config), quiet)
+    evidence = float(log_marginal_likelihood(blocks, torch.tensor(prior, dtype=torch.float64), theta_sq,
+                                             fit.log_likelihood))
+    state = blocks_state(fit.blocks, prior)
+    summary = {
+        "method": config.method, "curvature": config.curvature, "prior_fit": config.prior_fit,
+        "prior_precision": prior, "log_marginal_likelihood": evidence, "validation_nll": val_nll,
+        "train_questions": fit.questions, "linears": len(blocks), "parameters": sum(b.n_params for b in blocks),
+        "low_rank_factors": sum(not f.is_full for b in blocks for f in (b.A, b.G)),
+        "factor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "fit_seconds": round(fit_seconds, 2), "factor_seconds": round(fit.factor_seconds, 2), "prior_seconds": round(time.perf_counter() - start, 2),
+    }
+    (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
+    runs.write_safetensors(runs.posterior_file(run_dir, config.method), state)
+    write_json(run_dir / runs.POSTERIOR / f"{config.method}.json", summary)
+    return summary
+
+
+def prior_by_validation_nll(blocks, params, score_fn, val_qs: list[Question], quiet: bool):
+    """The PRIOR_GRID value with the lowest validation NLL of the probit predictive (Jacobians computed once per
+    question); returns (prior precision, {prior: nll})."""
+    nll = torch.zeros(len(PRIOR_GRID), dtype=torch.float64)
+    for q in tqdm(val_qs, desc="prior (val-nll)", disable=quiet, leave=False):
+        scores, jacobians = logit_jacobians(score_fn, q, params)
+        mean = scores[: len(q.choices)].cpu()[None]  # [1, C']
+        for i, prior in enumerate(PRIOR_GRID):
+            cov = logit_covariance(blocks, jacobians, prior).cpu()[None]  # [1, C', C']
+            nll[i] -= math.log(max(float(probit_probs(mean, cov)[0, q.label]), PROB_FLOOR))
+    nll /= len(val_qs)
+    best = int(nll.argmin())
+    return PRIOR_GRID[best], {f"{p:g}": round(float(v), 6) for p, v in zip(PRIOR_GRID, nll)}
+
+
+def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict:
+    """T by validation NLL of the base method's predictive draws -> posterior/temperature.json."""
+    from ..evaluate import open_run
+    from ..methods.temperature import FIT_FILE
+    from ..predict import predict_probs
+    from .temperature import apply_temperature, fit_temperature
+
+    base = {**config.to_dict(), "method": config.base_method, "base_method": None}
+    method, model, tokenizer, framing, accelerator = open_run(run_dir, base, config.base_method, {}, quiet=quiet)
+    val_qs = validation_questions(config)
+    start = time.perf_counter()
+    predictive = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
+                               batch_size=config.batch_size, max_length=config.max_length,
+                               n_samples=method.check_samples(None), quiet=quiet, desc="temperature",
+                               keep_draws=True)
+    labels = torch.tensor([q.label for q in val_qs])
+    temperature = fit_temperature(predictive.draw_probs, labels)
+
+    def nll(t: float) -> float:
+        probs = apply_temperature(predictive.draw_probs, t).mean(0)  # [N, C]
+        return float(-probs[torch.arange(len(labels)), labels].double().clamp_min(PROB_FLOOR).log().mean())
+
+    summary = {"temperature": temperature, "base_method": config.base_method, "validation_questions": len(val_qs),
+               "draws": predictive.draws, "validation_nll_before": nll(1.0), "validation_nll_after": nll(temperature),
+               "seconds": round(time.perf_counter() - start, 2)}
+    (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
+    write_json(run_dir / runs.POSTERIOR / FIT_FILE, summary)
+    return summary
