@@ -141,3 +141,37 @@ def test_positions_without_gradient_are_left_out():
     single = Toy({q.id: inputs[q.id][:1] for q in qs})
     torch.testing.assert_close(fit(masked, qs).blocks["lora_A"].A.dense(), fit(single, qs).blocks["lora_A"].A.dense())
     assert fit(masked, qs).positions["lora_A"] == 1
+
+
+@pytest.mark.parametrize("framing", ["cloze", "letter"])
+def test_batched_jacobians_equal_per_question_autograd(framing, tiny_model_dir):
+    """batch_logit_jacobians (hooks, one forward of 3 questions with 3 and 4 choices, rows summed into their
+    question) == torch.autograd.grad on each question alone (logit_jacobians); absent choices get 0 rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uqlora.framing import class_scores
+    from uqlora.models import add_lora
+    from uqlora.posthoc.curvature import batch_logit_jacobians, lora_linears
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4, alpha=8, dropout=0.0,
+                     target_modules=["q_proj", "v_proj"])
+    for m in lora_linears(model).values():
+        torch.nn.init.normal_(m.weight, std=0.3)  # B = 0 at initialisation would make lora_A's Jacobian 0
+    model.eval()
+    qs = [Question(id="a", stem="Which is a color?", choices=("red", "table", "run"), label=0),
+          Question(id="b", stem="Two plus two is", choices=("four", "five", "six", "one hundred"), label=0),
+          Question(id="c", stem="The sky is", choices=("blue", "green", "loud"), label=0)]
+    linears = lora_linears(model)
+
+    def score_fn(batch):
+        return class_scores(framing, model, tok, batch, 64)
+
+    scores, jac = batch_logit_jacobians(score_fn, qs, linears)
+    for b, q in enumerate(qs):
+        ref_scores, ref = logit_jacobians(score_fn, q, [m.weight for m in linears.values()])
+        torch.testing.assert_close(scores[b, : len(q.choices)], ref_scores[: len(q.choices)], rtol=1e-4, atol=1e-5)
+        for (name, j), r in zip(jac.items(), ref):
+            torch.testing.assert_close(j[b, : len(q.choices)], r, rtol=1e-3, atol=1e-5, msg=name)
+            assert torch.all(j[b, len(q.choices):] == 0)

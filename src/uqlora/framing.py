@@ -168,6 +168,24 @@ def cloze_scores(model, tokenizer, questions: list[Question], max_length: int = 
     return scores.index_put((cont.owner, cont.choice), mean_logp)  # [B, C_max]
 
 
+def forward_row_owners(questions: list[Question], rows_per_call: list[int]) -> list[torch.Tensor]:
+    """The question index of every row of each model forward that `class_scores` made for `questions`, given the
+    row counts of those forwards: B rows (letter; cloze questions) are the questions in order; Σ C_n rows are the
+    cloze continuations, question by question and choice by choice (`_encode_continuations`)."""
+    b = torch.arange(len(questions))
+    n_choices = torch.tensor([len(q.choices) for q in questions])
+    owners = []
+    for rows in rows_per_call:
+        if rows == len(questions):
+            owners.append(b)
+        elif rows == int(n_choices.sum()):
+            owners.append(torch.repeat_interleave(b, n_choices))
+        else:
+            raise UqloraError(f"a forward of {rows} rows matches neither the {len(questions)} questions nor their "
+                              f"{int(n_choices.sum())} choices")
+    return owners
+
+
 def class_scores(framing: str, model, tokenizer, questions: list[Question], max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
     if framing == "letter":
         return letter_scores(model, tokenizer, questions, max_length)

@@ -15,7 +15,7 @@ import zlib
 import torch
 
 from ..errors import UqloraError
-from ..posthoc.curvature import logit_covariance, logit_jacobians, lora_linears
+from ..posthoc.curvature import batch_logit_jacobians, logit_covariance, lora_linears
 from ..posthoc.glm import probit_probs, sample_logit_probs
 from ..posthoc.kfac import Factor, KronBlock
 from .base import Adapter, Method, ScoreFn, draw_generator
@@ -80,24 +80,21 @@ class LaplaceMethod(Method):
         blocks, self.prior_precision = blocks_from_state(adapters[0].posterior, self.linears,
                                                          f"{self.name} posterior")
         self.blocks = list(blocks.values())
-        self.params = [m.weight for m in self.linears.values()]
-        for p in self.params:
-            p.requires_grad_(True)  # the Jacobians; the weights themselves never change
+        for m in self.linears.values():
+            m.weight.requires_grad_(True)  # for the Jacobians; the weights themselves never change
 
     def predict(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
-        width = max(len(q.choices) for q in questions)
-        out = torch.zeros(n_samples, len(questions), width)  # [S, B, C_max]; absent choices keep 0
-        for b, q in enumerate(questions):
-            scores, jacobians = logit_jacobians(score_fn, q, self.params)  # [C_max], [C', *W.shape] per linear
-            mean = scores[: len(q.choices)].cpu()[None]  # [1, C']
-            cov = logit_covariance(self.blocks, jacobians, self.prior_precision).cpu()[None]  # [1, C', C']
-            if self.link == "probit":
-                probs = probit_probs(mean, cov)[None]  # [1, 1, C']
-            else:
-                key = zlib.crc32(q.id.encode())  # draws depend on the question, not on its batch or process
-                probs = sample_logit_probs(mean, cov, [draw_generator(self.seed, key, s) for s in range(n_samples)])
-            out[:, b, : len(q.choices)] = probs[:, 0]
-        return out
+        scores, jacobians = batch_logit_jacobians(score_fn, questions, self.linears)  # [B, C], [B, C, out, in]
+        mean = scores.cpu()  # [B, C]; -inf for absent choices
+        cov = logit_covariance(self.blocks, list(jacobians.values()), self.prior_precision).cpu()  # [B, C, C]
+        if self.link == "probit":
+            return probit_probs(mean, cov)[None]  # [1, B, C]
+        draws = []
+        for b, q in enumerate(questions):  # draws depend on the question, not on its batch or process
+            key = zlib.crc32(q.id.encode())
+            draws.append(sample_logit_probs(mean[b:b + 1], cov[b:b + 1],
+                                            [draw_generator(self.seed, key, s) for s in range(n_samples)]))
+        return torch.cat(draws, dim=1)  # [S, B, C]
 
 
 class LastLayerLaplaceMethod(LaplaceMethod):

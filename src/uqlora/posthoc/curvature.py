@@ -168,7 +168,8 @@ def fit_kfac(model, linears: dict[str, torch.nn.Linear], score_fn, questions: li
 
 def logit_jacobians(score_fn, question: Question, params: list[torch.Tensor]):
     """Scores [C] of one question and the Jacobian rows of its present choices: one [C', *param.shape] per
-    parameter (C' = the question's choices), by C' backward passes through one forward."""
+    parameter (C' = the question's choices), by C' backward passes through one forward (autograd on the
+    weights: the reference `batch_logit_jacobians` is tested against)."""
     with torch.enable_grad():
         scores = score_fn([question])[0]  # [C]
         n = len(question.choices)
@@ -176,7 +177,39 @@ def logit_jacobians(score_fn, question: Question, params: list[torch.Tensor]):
     return scores.detach().float(), [torch.stack([r[i] for r in rows]).float() for i in range(len(params))]
 
 
+def batch_logit_jacobians(score_fn, questions: list[Question], linears: dict[str, torch.nn.Linear]):
+    """Scores [B, C] and per-question Jacobians {linear: [B, C, out, in]} (fp32) from one forward of the batch
+    and C backward passes: hooks keep each row's input a and output gradient g, a row's Jacobian is Σ_t g a^T,
+    and rows are summed into their question (framing.forward_row_owners). Absent choices get 0."""
+    from ..framing import forward_row_owners
+
+    recorder = _Recorder(linears)
+    with recorder.attached(), torch.enable_grad():
+        scores = score_fn(questions)  # [B, C]
+        first = next(iter(linears))
+        owners = [o.to(scores.device) for o in
+                  forward_row_owners(questions, [a.shape[0] for a in recorder.inputs[first]])]
+        finite = scores.masked_fill(~torch.isfinite(scores), 0.0)
+        jac = {n: torch.zeros(len(questions), scores.shape[1], m.out_features, m.in_features,
+                              device=scores.device) for n, m in linears.items()}
+        for c in range(scores.shape[1]):
+            for n in linears:
+                recorder.grads[n].clear()
+            finite[:, c].sum().backward(retain_graph=c + 1 < scores.shape[1])
+            for n in linears:
+                for call, g in recorder.grads[n].items():
+                    a = recorder.inputs[n][call]
+                    per_row = torch.einsum("rto,rti->roi", g.reshape(g.shape[0], -1, g.shape[-1]).float(),
+                                           a.reshape(a.shape[0], -1, a.shape[-1]).float())  # [rows, out, in]
+                    jac[n][:, c].index_add_(0, owners[call], per_row)
+    recorder.clear_inputs()
+    for m in linears.values():
+        m.weight.grad = None
+    return scores.detach().float(), jac
+
+
 def logit_covariance(blocks: list[KronBlock], jacobians: list[torch.Tensor], prior_precision) -> torch.Tensor:
-    """GLM covariance of the logits [C', C']: Σ_blocks J (H + λI)^{-1} J^T, symmetrised."""
+    """GLM covariance of the logits [..., C, C]: Σ_blocks J (H + λI)^{-1} J^T for J [..., C, out, in],
+    symmetrised."""
     cov = sum(block_quadratic(b, prior_precision, j) for b, j in zip(blocks, jacobians))
-    return (cov + cov.T) / 2
+    return (cov + cov.transpose(-1, -2)) / 2

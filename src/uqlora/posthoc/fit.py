@@ -8,7 +8,6 @@ else up to `val_examples` questions of its training split it did not train on, d
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import time
@@ -24,7 +23,7 @@ from ..data.question import Question
 from ..errors import UqloraError
 from ..framing import class_scores
 from ..io import write_json
-from .curvature import fit_kfac, logit_covariance, logit_jacobians, lora_linears
+from .curvature import batch_logit_jacobians, fit_kfac, logit_covariance, lora_linears
 from .glm import probit_probs
 from .kfac import fit_prior_precision, log_marginal_likelihood
 
@@ -135,7 +134,8 @@ def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: s
     if config.prior_fit == "marglik":
         prior = fit_prior_precision(blocks, theta_sq)
     else:
-        prior, val_nll = prior_by_validation_nll(blocks, params, score_fn, validation_questions(config), quiet)
+        prior, val_nll = prior_by_validation_nll(blocks, linears, score_fn, validation_questions(config),
+                                                 config.batch_size, quiet)
     evidence = float(log_marginal_likelihood(blocks, torch.tensor(prior, dtype=torch.float64), theta_sq,
                                              fit.log_likelihood))
     state = blocks_state(fit.blocks, prior)
@@ -153,16 +153,18 @@ def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: s
     return summary
 
 
-def prior_by_validation_nll(blocks, params, score_fn, val_qs: list[Question], quiet: bool):
+def prior_by_validation_nll(blocks, linears, score_fn, val_qs: list[Question], batch_size: int, quiet: bool):
     """The PRIOR_GRID value with the lowest validation NLL of the probit predictive (Jacobians computed once per
-    question); returns (prior precision, {prior: nll})."""
+    batch); returns (prior precision, {prior: nll})."""
     nll = torch.zeros(len(PRIOR_GRID), dtype=torch.float64)
-    for q in tqdm(val_qs, desc="prior (val-nll)", disable=quiet, leave=False):
-        scores, jacobians = logit_jacobians(score_fn, q, params)
-        mean = scores[: len(q.choices)].cpu()[None]  # [1, C']
+    for start in tqdm(range(0, len(val_qs), batch_size), desc="prior (val-nll)", disable=quiet, leave=False):
+        batch = val_qs[start:start + batch_size]
+        scores, jacobians = batch_logit_jacobians(score_fn, batch, linears)  # [B, C], [B, C, out, in]
+        labels = torch.tensor([q.label for q in batch])
         for i, prior in enumerate(PRIOR_GRID):
-            cov = logit_covariance(blocks, jacobians, prior).cpu()[None]  # [1, C', C']
-            nll[i] -= math.log(max(float(probit_probs(mean, cov)[0, q.label]), PROB_FLOOR))
+            cov = logit_covariance(blocks, list(jacobians.values()), prior).cpu()  # [B, C, C]
+            p = probit_probs(scores.cpu(), cov)[torch.arange(len(batch)), labels]  # [B]
+            nll[i] -= p.double().clamp_min(PROB_FLOOR).log().sum()
     nll /= len(val_qs)
     best = int(nll.argmin())
     return PRIOR_GRID[best], {f"{p:g}": round(float(v), 6) for p, v in zip(PRIOR_GRID, nll)}

@@ -278,10 +278,10 @@ def block_solve(block: KronBlock, prior_precision: float | torch.Tensor, X: torc
 
 
 def block_quadratic(block: KronBlock, prior_precision: float | torch.Tensor, J: torch.Tensor) -> torch.Tensor:
-    """J (H + λI)⁻¹ Jᵀ [C, C] for C Jacobian rows J [C, out, in] of this block."""
-    S = block_solve(block, prior_precision, J)  # [C, out, in]
-    Q = torch.einsum("coi,doi->cd", J, S)
-    return (Q + Q.T) / 2  # symmetric up to round-off; make it exact for later Cholesky factorisations
+    """J (H + λI)⁻¹ Jᵀ [..., C, C] for C Jacobian rows J [..., C, out, in] of this block (batch dims allowed)."""
+    S = block_solve(block, prior_precision, J)  # [..., C, out, in]
+    Q = torch.einsum("...coi,...doi->...cd", J, S)
+    return (Q + Q.transpose(-1, -2)) / 2  # symmetric up to round-off; exact for later Cholesky factorisations
 
 
 def log_marginal_likelihood(blocks: list[KronBlock], prior_precision: torch.Tensor, theta_sq_norm: float,
