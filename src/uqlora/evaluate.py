@@ -60,8 +60,8 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     config = get_method(config["method"]).run_settings(config, run_dir)  # an sft run's config is an SftConfig
-    if opts.n_bins < 1 or (opts.samples is not None and opts.samples < 1) or opts.batch_size < 1:
-        raise UqloraError("--n-bins, --samples and --batch-size must be >= 1")
+    if opts.n_bins < 1 or (opts.samples is not None and opts.samples < 0) or opts.batch_size < 1:
+        raise UqloraError("--n-bins and --batch-size must be >= 1, --samples >= 0 (0: blob/clora posterior mean)")
     overrides = {k: v for k, v in (("swag_scale", opts.swag_scale), ("link", opts.link)) if v is not None}
     method_name = _predictive(config["method"], opts.method)
     run = open_run(run_dir, config, method_name, overrides, seed=opts.seed, device=opts.device, dtype=opts.dtype,
@@ -99,11 +99,13 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
 
 def result_dir(run_dir: Path, config: dict, opts: EvalOptions) -> Path:
     """eval/TASK for the run's own predictive; eval/TASK@METHOD for `--method`, eval/TASK@METHOD-LINK for a
-    `--link` other than the run's (compare shows these as methods of their own)."""
+    `--link` other than the run's, eval/TASK@METHOD-mean for `--samples 0` (compare shows these as methods)."""
     method = _predictive(config["method"], opts.method)
     alternative = None if method == config["method"] else method
     if opts.link is not None and opts.link != config.get("link", "probit"):
         alternative = f"{method}-{opts.link}"
+    if opts.samples == 0:
+        alternative = f"{method}-mean"
     return runs.eval_dir(run_dir, opts.task, opts.split, alternative)
 
 

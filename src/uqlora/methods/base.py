@@ -105,10 +105,14 @@ class Method:
                 raise UqloraError(f"method {self.name!r} keeps no posterior state, but the run's posterior/ has "
                                   f"{sorted(adapter.posterior)[:3]}: it belongs to another method")
 
+    mean_at_zero_samples = False  # True: `--samples 0` asks for the deterministic posterior mean (BLoB, C-LoRA)
+
     def check_samples(self, n_samples: int | None) -> int:
         """The number of draws per member: the method's default, or `n_samples` where the method samples."""
         if n_samples is None:
             return self.default_samples
+        if n_samples == 0 and not self.mean_at_zero_samples:
+            raise UqloraError(f"--samples 0 (the posterior mean) applies to blob and clora, not to {self.name!r}")
         if n_samples != 1 and not self.sampling:
             raise UqloraError(f"method {self.name!r} has a deterministic predictive; --samples does not apply")
         return n_samples
