@@ -287,3 +287,28 @@ def test_cli_swag_flags(swag_run, task, capsys):
                  "--swag-scale", "0", "--quiet"]) == 0
     saved = json.loads((swag_run / "eval" / "jsonl-arith" / "metrics.json").read_text())
     assert saved["n_samples"] == 2 and saved["mean_mutual_information"] == pytest.approx(0, abs=1e-9)
+
+
+def test_combine_map_runs_equals_trained_ensemble(tmp_path, ensemble_run, tiny_model_dir, task, capsys):
+    """`uqlora combine` of map runs with seeds 3 and 4 is the ensemble `train --method ensemble --seed 3
+    --members 2` trains: the same config.yaml and bit-identical predictions; runs with other settings, a gap in
+    the seeds or a non-map/swag run are refused without writing anything."""
+    runs_ = [train(config_for(tiny_model_dir, task, epochs=1, lora_dropout=0.1, seed=s), tmp_path / f"map{s}",
+                   quiet=True) for s in (4, 3)]
+    assert main(["combine", str(runs_[0]), str(runs_[1]), "--out", str(tmp_path / "ens")]) == 0
+    ours, trained = yaml.safe_load((tmp_path / "ens" / "config.yaml").read_text()), \
+        yaml.safe_load((ensemble_run / "config.yaml").read_text())
+    assert ours == trained
+    evaluate(tmp_path / "ens", opts(task))
+    evaluate(ensemble_run, opts(task))
+    assert torch.equal(probs_of(tmp_path / "ens"), probs_of(ensemble_run))
+
+    other = train(config_for(tiny_model_dir, task, epochs=1, lora_dropout=0.1, seed=5, lr=1e-3), tmp_path / "map5",
+                  quiet=True)
+    capsys.readouterr()
+    for argv, message in (([runs_[1], other], "differs"), ([runs_[1], tmp_path / "ens"], "--method ensemble")):
+        assert main(["combine", *map(str, argv), "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    gap = train(config_for(tiny_model_dir, task, epochs=1, lora_dropout=0.1, seed=6), tmp_path / "map6", quiet=True)
+    assert main(["combine", str(runs_[1]), str(gap), "--out", str(tmp_path / "bad")]) == 2
+    assert "seeds [3, 6]" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `uqlora` command: train, evaluate, compare, demo, tasks, sft, posthoc.
+"""The `uqlora` command: train, evaluate, compare, demo, tasks, sft, posthoc, combine.
 
 Every failure the user can fix (bad input, missing file, mismatched adapter, NaN loss) is a UqloraError:
 one line `error: ...` on stderr and exit status 2.
@@ -90,6 +90,15 @@ def _posthoc_parser(sub) -> None:
                        help=f"{f.metadata['help']} (default: {f.default})")
 
 
+def _combine_parser(sub) -> None:
+    p = sub.add_parser("combine", help="an ensemble (multiswag) of finished map (swag) runs, without retraining",
+                       description="Runs with seeds s..s+M-1 and otherwise identical settings are the members "
+                                   "`uqlora train --method ensemble --seed s --members M` would train; they are "
+                                   "copied into OUT/members/m.")
+    p.add_argument("run_dirs", nargs="+", type=Path, help="finished map runs, or finished swag runs")
+    p.add_argument("--out", required=True, type=Path, help="new run directory for the ensemble")
+
+
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="table of metrics of several runs (terminal, Markdown, CSV)")
     p.add_argument("run_dirs", nargs="+", type=Path)
@@ -116,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _sft_parser(sub)
     _posthoc_parser(sub)
+    _combine_parser(sub)
     sub.add_parser("tasks", help="list the tasks and their splits")
     return parser
 
@@ -198,6 +208,15 @@ def cmd_posthoc(args) -> None:
     print(f"fitted {args.method} on {args.run_dir}: {out} {shown}")
 
 
+def cmd_combine(args) -> None:
+    from .combine import combine_runs
+
+    out = combine_runs(args.run_dirs, args.out)
+    config = runs.read_config(out)
+    print(f"{config['method']} of {config['members']} members (seeds {config['seed']}.."
+          f"{config['seed'] + config['members'] - 1}): {out}")
+
+
 def cmd_compare(args) -> None:
     from .evaluation.compare import aggregate, collect_rows, print_table, write_comparison
 
@@ -228,7 +247,8 @@ def cmd_tasks(_args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
-            "tasks": cmd_tasks, "sft": cmd_sft, "posthoc": cmd_posthoc}
+            "tasks": cmd_tasks, "sft": cmd_sft, "posthoc": cmd_posthoc,
+            "combine": cmd_combine}
 
 
 def main(argv: list[str] | None = None) -> int:
