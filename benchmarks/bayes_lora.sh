@@ -3,24 +3,29 @@
 # the `cpu` scale of PROTOCOL.md and the training budget of benchmarks/foundation.sh (500 training questions
 # drawn with a fixed seed from the official train split, 3 epochs, lr 3e-4, batch 8; 500 test questions).
 # SWA/SWAG collect every 5 steps over the second half of training at a constant lr of 1e-4 (Onal et al. 2024
-# use a constant SWAG lr below the peak); ensembles have 3 members (seeds s, s+1, s+2).
+# use a constant SWAG lr below the peak). Ensembles have 3 members: the ensemble (MultiSWAG) of seed s is
+# `uqlora combine` of the map (swag) runs with seeds s, s+1, s+2 -- exactly what `train --method ensemble
+# --seed s --members 3` trains -- so seeds 0 1 2 need single runs of seeds 0..4, and the ensembles of
+# neighbouring seeds share members (their spread understates the seed-to-seed variation).
+# MAP runs are shared with benchmarks/foundation.sh (MAP_ROOT/TASK/map-seedS; trained here if missing).
 # Skips finished cells, so it can be run again to continue.
-# Usage: bash benchmarks/bayes_lora.sh OUT_DIR TASK [SEED ...]    (e.g. runs/bayes obqa 0 1 2)
+# Usage: bash benchmarks/bayes_lora.sh MAP_ROOT OUT_DIR TASK [SEED ...]   (e.g. runs/foundation runs/bayes obqa 0 1 2)
 set -euo pipefail
-OUT=${1:?OUT_DIR}; TASK=${2:?TASK}; shift 2
+MAP_ROOT=${1:?MAP_ROOT}; OUT=${2:?OUT_DIR}; TASK=${3:?TASK}; shift 3
 SEEDS=${*:-0}
 UQ=${UQLORA:-.venv/bin/uqlora}
 SAMPLES=${SAMPLES:-10}  # draws of swag and mc-dropout; multiswag takes MULTI_SAMPLES per member
 MULTI_SAMPLES=${MULTI_SAMPLES:-5}
+MEMBERS=3
 COMMON=(--model smollm2-135m --task "$TASK" --split train --max-examples 500 --epochs 3 --lr 3e-4 --batch-size 8 --quiet)
 SWAG=(--swag-start 0.5 --swag-every 5 --swag-rank 20 --swa-lr 1e-4)
 EVAL=(--task "$TASK" --split test --max-examples 500 --quiet)
+R="$OUT/$TASK"
 
-train() {  # NAME SEED ARGS...: train OUT/TASK/NAME-seedSEED unless finished
-  local run="$OUT/$TASK/$1-seed$2" seed=$2; shift 2
+train() {  # RUN SEED ARGS...: train RUN unless finished (resumed if it was interrupted)
+  local run=$1 seed=$2; shift 2
   [ -f "$run/train_summary.json" ] && return
-  local resume=(); [ -d "$run" ] && resume=(--resume)
-  if [ ${#resume[@]} -gt 0 ]; then
+  if [ -d "$run" ]; then
     /usr/bin/time -f "$run train (resumed): %e s" $UQ train --out "$run" --resume --quiet
   else
     /usr/bin/time -f "$run train: %e s" $UQ train "${COMMON[@]}" --seed "$seed" --out "$run" "$@"
@@ -33,17 +38,32 @@ evaluate() {  # RUN EVALDIR ARGS...
     /usr/bin/time -f "$run eval $dir: %e s" $UQ evaluate "$run" "${EVAL[@]}" "$@"
 }
 
+combine() {  # METHOD FIRST_SEED KIND: KIND runs of seeds FIRST..FIRST+MEMBERS-1 -> R/METHOD-seedFIRST
+  local out="$R/$1-seed$2" members=()
+  [ -f "$out/config.yaml" ] && return
+  for ((m = $2; m < $2 + MEMBERS; m++)); do
+    if [ "$3" = map ]; then members+=("$MAP_ROOT/$TASK/map-seed$m"); else members+=("$R/swag-seed$m"); fi
+  done
+  $UQ combine "${members[@]}" --out "$out"
+}
+
 for SEED in $SEEDS; do
-  R="$OUT/$TASK"
-  train map "$SEED" --method map
-  evaluate "$R/map-seed$SEED" "$TASK"
-  evaluate "$R/map-seed$SEED" "$TASK@mc-dropout" --method mc-dropout --samples "$SAMPLES"
-  train swag "$SEED" --method swag "${SWAG[@]}"
+  MAP="$MAP_ROOT/$TASK/map-seed$SEED"
+  train "$MAP" "$SEED" --method map
+  evaluate "$MAP" "$TASK"
+  evaluate "$MAP" "$TASK@mc-dropout" --method mc-dropout --samples "$SAMPLES"
+  train "$R/swag-seed$SEED" "$SEED" --method swag "${SWAG[@]}"
   evaluate "$R/swag-seed$SEED" "$TASK" --samples "$SAMPLES"
   evaluate "$R/swag-seed$SEED" "$TASK@swa" --method swa
-  train ensemble "$SEED" --method ensemble --members 3
+done
+for SEED in $SEEDS; do
+  for ((m = SEED; m < SEED + MEMBERS; m++)); do
+    train "$MAP_ROOT/$TASK/map-seed$m" "$m" --method map
+    train "$R/swag-seed$m" "$m" --method swag "${SWAG[@]}"
+  done
+  combine ensemble "$SEED" map
   evaluate "$R/ensemble-seed$SEED" "$TASK"
-  train multiswag "$SEED" --method multiswag --members 3 "${SWAG[@]}"
+  combine multiswag "$SEED" swag
   evaluate "$R/multiswag-seed$SEED" "$TASK" --samples "$MULTI_SAMPLES"
 done
-$UQ compare "$OUT/$TASK"/*-seed* --task "$TASK" --out "$OUT/$TASK"
+$UQ compare "$MAP_ROOT/$TASK"/map-seed* "$R"/*-seed* --task "$TASK" --out "$R" --aggregate
