@@ -161,3 +161,20 @@ def test_posthoc_refusals(map_run, laplace_run, tmp_path, task, capsys):
     assert main(["posthoc", str(map_run), "--method", "temperature", "--out", str(tmp_path / "t"),
                  "--val-examples", "0", "--quiet"]) == 2
     assert "val_examples" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
+def test_low_rank_factors_match_full_at_full_rank(map_run, laplace_run, tmp_path, task):
+    """--kfac-max-full-dim 32 keeps the 64-wide sides of the tiny model as low rank + diagonal: at rank 64 (= the
+    side) that is exact, so the predictive equals the all-full fit's (to 1e-4); at rank 4 it is smaller and
+    still a valid predictive."""
+    evaluate(laplace_run, opts(task))
+    full_probs = probs_of(laplace_run)
+    exact = posthoc(map_run, tmp_path / "lr64", "laplace", {"kfac_max_full_dim": 32, "kfac_rank": 64}, quiet=True)
+    small = posthoc(map_run, tmp_path / "lr4", "laplace", {"kfac_max_full_dim": 32, "kfac_rank": 4}, quiet=True)
+    summaries = [json.loads((r / "posterior" / "laplace.json").read_text()) for r in (laplace_run, exact, small)]
+    assert summaries[0]["low_rank_factors"] == 0 and summaries[1]["low_rank_factors"] > 0
+    assert summaries[2]["factor_bytes"] < summaries[0]["factor_bytes"]
+    evaluate(exact, opts(task))
+    evaluate(small, opts(task))
+    torch.testing.assert_close(probs_of(exact), full_probs, rtol=0, atol=1e-4)
+    assert torch.allclose(probs_of(small).sum(-1), torch.ones(len(full_probs)))

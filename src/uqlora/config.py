@@ -65,7 +65,7 @@ class LoraRunOptions:
 class TrainConfig(LoraRunOptions):
     task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
     split: str = _opt("train", "split to train on")
-    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble, laplace, "
+    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble, clora, laplace, "
                               "laplace-ll (MAP, then the Laplace fit)")
     framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
     epochs: int = _opt(3, "passes over the training questions")
@@ -101,6 +101,15 @@ class TrainConfig(LoraRunOptions):
     base_method: typing.Optional[str] = _opt(None, "temperature: the method whose predictive it rescales (set "
                                                    "by `uqlora posthoc`)")
 
+    clora_context: str = _opt("on", "clora: the E posterior's mean and variance come from a context network of "
+                                    "each token's low-rank features Ax (on, the paper) or are learned parameters "
+                                    "shared by all tokens (off, the ablation)")
+    clora_hidden: int = _opt(64, "clora: hidden width of the context network r -> H -> 2r² (the authors' code: 64)")
+    clora_prior_std: float = _opt(0.2, "clora: standard deviation σp of the prior N(I, σp²) on E's entries (the "
+                                       "authors' code: 0.2)")
+    clora_kl_weight: float = _opt(1e-6, "clora: β, the weight of a question's KL (summed over its real tokens and "
+                                        "the adapted layers, ~1e5-1e6 terms for SmolLM2-135M) against its NLL")
+
     def validate(self) -> "TrainConfig":
         self.check_shared(("epochs", "lr", "batch_size", "max_length"))
         if not 0.0 <= self.val_fraction < 1.0:
@@ -108,6 +117,7 @@ class TrainConfig(LoraRunOptions):
         if self.framing not in ("auto", "letter", "cloze"):
             raise UqloraError(f"config: framing must be auto, letter or cloze, got {self.framing!r}")
         self._validate_methods()
+        self._validate_clora()
         if not self.lora_targets:
             raise UqloraError("config: lora_targets must name at least one module")
         return self
@@ -133,6 +143,12 @@ class TrainConfig(LoraRunOptions):
         if self.method in ("swa", "swag", "multiswag") and self.val_fraction > 0:
             raise UqloraError(f"config: {self.method} averages the late iterates, it has no best epoch for "
                               f"val_fraction to select; set val_fraction to 0")
+
+    def _validate_clora(self) -> None:
+        if self.clora_context not in ("on", "off"):
+            raise UqloraError(f"config: clora_context must be on or off, got {self.clora_context!r}")
+        if self.clora_hidden < 1 or not self.clora_prior_std > 0 or not self.clora_kl_weight >= 0:
+            raise UqloraError("config: clora_hidden must be >= 1, clora_prior_std > 0 and clora_kl_weight >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

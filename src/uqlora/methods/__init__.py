@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UqloraError
 from .base import Adapter, Method
+from .clora import CLoraMethod
 from .ensemble import EnsembleMethod, MultiSwagMethod
 from .laplace import LaplaceMethod, LastLayerLaplaceMethod
 from .map import MapMethod, ZeroShotMethod
@@ -14,7 +15,7 @@ from .temperature import TemperatureMethod
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod,
-    SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod)}
+    SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod, CLoraMethod)}
 
 
 def get_method(name: str, config=None) -> Method:

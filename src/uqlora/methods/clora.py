@@ -1,0 +1,213 @@
+"""C-LoRA: contextual low-rank adaptation (Rahmati et al. 2025, "C-LoRA: Contextual Low-Rank Adaptation for
+Uncertainty Estimation in Large Language Models", arXiv 2505.17773, NeurIPS 2025).
+
+The paper's light-weight factorisation puts an r×r matrix E between LoRA's A and B (ΔW = B E A), and makes the
+posterior of E contextual: a small network of the token's own low-rank features gives its mean and variance.
+For every adapted layer and every token t of every input row (numbered here; the paper's Section 3):
+
+    z_t = A dropout(x_t)                                   [r]     the low-rank projection, LoRA's own
+    h_t = W0 x_t + s · B (E_t z_t),  s = alpha / r                  the layer's output                      (1)
+    q(E_t | z_t) = N(M(z_t), diag σ(z_t)²) over the r² entries
+    [M(z) − I, ρ(z)] = W2 relu(W1 z + b1) + b2,  σ = sigmoid(ρ)²   the context network, hidden width H      (2)
+    loss_i = −log p(y_i | x_i, E) + β Σ_layers Σ_real t KL(q(E_t | z_t) || N(I, σp² I))                     (3)
+
+Training draws one E_t = M(z_t) + σ(z_t) ⊙ ε_t, ε_t ~ N(0, I), per token and per row (reparameterised, from the
+global torch RNG: reproducible for a seed and restored by --resume). The predictive averages the softmax of S
+such draws; S = 0 takes E_t = M(z_t), the posterior mean (deterministic).
+
+Defaults, from the authors' public code (github.com/ahra99/c_lora, modelwrappers/c_lora.py), as the config help
+says: H = 64, σp = 0.2, σ = sigmoid(ρ)², one training draw, 10 predictive draws. Where this module differs:
+- M starts at I (W2's mean rows are zero) and the prior is centred at I: the layer starts as plain LoRA, and the
+  KL costs nothing for plain LoRA with σ = σp. The code's mean starts random and its prior is N(0, σp²); as
+  B E A is unchanged by E -> cE, B -> B/c, a zero-centred prior cannot shrink the update, only raise the noise.
+- The KL sums over real tokens only (the code also sums it over padding), and β is one constant per question
+  (the code scales the KL by 1e-6 / 65 and a per-step reweighting, and the NLL by per-dataset factors).
+- No flipout signs: the code multiplies the noise's input and output by random signs, which leaves an E drawn
+  independently per token with the same distribution.
+`--clora-context off` (the ablation) replaces the context network by learned M and ρ shared by all tokens; the
+noise is still drawn per token and the KL still counted per real token, so only the context differs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UqloraError
+from .base import Adapter, Method, ScoreFn
+from .variational import KlTally, TokenMask, gaussian_kl
+
+E_ATTR = "e_factor"  # the LoRA layer's submodule holding E (no "lora_" in the name: PEFT would save it as LoRA)
+
+
+class ContextPosterior(nn.Module):
+    """Eq. (2): M(z) and ρ(z) of every token from its low-rank features z [..., r]."""
+
+    def __init__(self, rank: int, hidden: int):
+        super().__init__()
+        self.rank = rank
+        self.hidden = nn.Linear(rank, hidden)
+        self.out = nn.Linear(hidden, 2 * rank * rank)  # [M(z) − I, ρ(z)], flattened
+        with torch.no_grad():  # M = I at the start (plain LoRA); ρ keeps PyTorch's init, σ ≈ sigmoid(0)² = 1/4
+            self.out.weight[: rank * rank].zero_()
+            self.out.bias[: rank * rank].zero_()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.out(F.relu(self.hidden(z)))  # [..., 2r²]
+        delta, rho = out.unflatten(-1, (2, self.rank, self.rank)).unbind(-3)  # each [..., r, r]
+        return delta + torch.eye(self.rank, dtype=z.dtype, device=z.device), rho
+
+
+class FixedPosterior(nn.Module):
+    """The ablation (--clora-context off): one learned M and ρ [r, r] for every token, M = I and ρ = 0
+    (σ = 1/4, what the context network's ρ starts near) at the start."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.mean = nn.Parameter(torch.eye(rank))
+        self.rho = nn.Parameter(torch.zeros(rank, rank))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean, self.rho  # [r, r] each, broadcast over the tokens
+
+
+def apply_e(e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """E z per token: e [..., r, r] (or [r, r]) and z [rows, T, r] -> [rows, T, r]."""
+    return (e @ z.unsqueeze(-1)).squeeze(-1)
+
+
+class EFactor(nn.Module):
+    """E between A and B of one LoRA layer: z -> E z, E drawn per token in training mode, E = M in eval mode."""
+
+    def __init__(self, posterior: nn.Module, prior_std: float, mask: TokenMask, tally: KlTally | None):
+        super().__init__()
+        self.posterior = posterior
+        self.prior_std = prior_std
+        self.mask = mask  # the model's real tokens (plain attributes, not submodules)
+        self.tally = tally  # None: no KL (evaluation)
+
+    def distribution(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean M and standard deviation σ of q(E | z): [rows, T, r, r] each (context off: [r, r])."""
+        mean, rho = self.posterior(z)
+        return mean, torch.sigmoid(rho) ** 2
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z [rows, T, r]
+        mean, std = self.distribution(z)
+        if not self.training:
+            return apply_e(mean, z)
+        eps = torch.randn(*z.shape, z.shape[-1], dtype=z.dtype, device=z.device)  # [rows, T, r, r]
+        if self.tally is not None:
+            self.tally.add(self.kl(mean, std, z))
+        return apply_e(mean + std * eps, z)
+
+    def kl(self, mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Eq. (3)'s KL of this layer, summed over the real tokens of z [rows, T, r] (float32 scalar)."""
+        eye = torch.eye(z.shape[-1], device=z.device)
+        per_token = gaussian_kl(mean.float() - eye, std.float(), self.prior_std).sum((-2, -1))  # [rows, T] or []
+        return (per_token * self.mask.positions(z).float()).sum()
+
+
+def lora_layers(model, adapter: str) -> dict[str, nn.Module]:
+    """The PEFT LoRA layers that hold `adapter`, by module name (none before an adapter is added)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def _e_pre_hook(factor: EFactor, _module, args):
+    return (factor(args[0]),)  # lora_B's input A dropout(x) becomes E A dropout(x)
+
+
+class CLoraMethod(Method):
+    name = "clora"
+    sampling = True
+    default_samples = 10  # the public code's --bayes-eval-n-samples-final
+    mean_at_zero_samples = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.mask, self.tally = TokenMask(), KlTally()
+        self.factors: dict[str, EFactor] = {}  # by module name of the EFactor
+
+    def _settings(self):
+        from ..config import TrainConfig
+
+        return self.config if self.config is not None else TrainConfig()
+
+    def _wrap(self, model, adapter: str, tally: KlTally | None) -> None:
+        """Give every LoRA layer of `adapter` its E factor, applied by a pre-hook on lora_B (PEFT's own forward
+        and saved adapter stay as they are)."""
+        cfg = self._settings()
+        layers = lora_layers(model, adapter)
+        if not layers:
+            raise UqloraError(f"clora: the model has no LoRA layers for adapter {adapter!r}")
+        for name, layer in layers.items():
+            if hasattr(layer, E_ATTR):
+                raise UqloraError(f"clora: LoRA layer {name} already has an E factor")
+            b = layer.lora_B[adapter]
+            rank = b.in_features
+            posterior = ContextPosterior(rank, cfg.clora_hidden) if cfg.clora_context == "on" else FixedPosterior(rank)
+            factor = EFactor(posterior, cfg.clora_prior_std, self.mask, tally).to(b.weight.device, b.weight.dtype)
+            factor.train(layer.training)
+            layer.add_module(E_ATTR, factor)
+            b.register_forward_pre_hook(functools.partial(_e_pre_hook, factor))
+            self.factors[f"{name}.{E_ATTR}"] = factor
+
+    # ---- training ----
+    def prepare(self, model):
+        """Training: wrap the fresh LoRA layers. Evaluation calls this on the base model before its adapter is
+        loaded: nothing to wrap yet (bind does it)."""
+        if lora_layers(model, "default"):
+            self._wrap(model, "default", self.tally)
+            self.mask.attach(model)
+        return model
+
+    def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Eq. (3) per question [B]: the micro-batch's KL (summed over its real tokens) spread evenly, so the sum
+        over the micro-batch is Σ NLL + β·KL."""
+        nll = F.cross_entropy(scores, labels, reduction="none")  # [B]
+        return nll + self._settings().clora_kl_weight * self.tally.take() / len(nll)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v.detach().to("cpu", copy=True).contiguous()
+                for name, factor in self.factors.items() for k, v in factor.state_dict().items()}
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return {}  # the E factors are trainable parameters: checkpoints keep them with their AdamW moments
+
+    # ---- evaluation ----
+    def bind(self, model, adapters: list[Adapter], *, seed: int = 0) -> None:
+        self.model, self.adapters, self.seed = model, adapters, seed
+        if len(adapters) != 1 or not adapters[0].posterior:
+            raise UqloraError("clora: the run needs one adapter with its posterior/clora.safetensors "
+                              "(was it trained with --method clora?)")
+        self._wrap(model, adapters[0].name, tally=None)
+        self._load(adapters[0].posterior)
+
+    def _load(self, posterior: dict[str, torch.Tensor]) -> None:
+        """Load the saved E factors; refuse tensors whose names or shapes are not this adapter's."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        missing, unexpected = sorted(set(expected) - set(posterior)), sorted(set(posterior) - set(expected))
+        wrong = [k for k in expected if k in posterior and posterior[k].shape != expected[k]]
+        if missing or unexpected or wrong:
+            raise UqloraError(f"posterior/clora.safetensors does not match the run's adapter and clora settings "
+                              f"(missing {missing[:2]}, unexpected {unexpected[:2]}, other shape {wrong[:2]}): "
+                              f"it belongs to another run")
+        for name, factor in self.factors.items():
+            factor.load_state_dict({k[len(name) + 1:]: v for k, v in posterior.items() if k.startswith(name + ".")})
+            factor.requires_grad_(False)
+
+    def predict(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
+        """[S, B, C]: S draws of every E (the E factors alone in training mode); S = 0: [1, B, C] at E = M."""
+        if n_samples == 0:
+            return torch.softmax(score_fn(questions), dim=-1)[None]
+        for factor in self.factors.values():
+            factor.train()
+        try:
+            return torch.stack([torch.softmax(score_fn(questions), dim=-1) for _ in range(n_samples)])
+        finally:
+            for factor in self.factors.values():
+                factor.eval()
