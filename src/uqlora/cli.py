@@ -56,7 +56,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--max-examples", type=int, help="evaluate this many questions, drawn with a fixed seed")
     p.add_argument("--n-bins", type=int, default=15, help="equal-width confidence bins for ECE (default 15)")
     p.add_argument("--samples", type=int, help="posterior draws of a sampling method, per ensemble member "
-                   "(default: swag, multiswag, mc-dropout 10; deterministic methods take exactly 1)")
+                   "(default: swag, multiswag, mc-dropout, blob, clora 10; blob, clora: 0 = the posterior mean, "
+                   "written to eval/TASK@METHOD-mean; deterministic methods take exactly 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (default 0)")
     p.add_argument("--method", help="another predictive of the same training, written to eval/TASK@METHOD: "
                    "mc-dropout for a map run, map for an mc-dropout run, swa for a swag run")

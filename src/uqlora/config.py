@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,8 @@ class LoraRunOptions:
 class TrainConfig(LoraRunOptions):
     task: str = _opt("obqa", "task name (see `uqlora tasks`), e.g. obqa, arc-e, mmlu:stem, jsonl:PATH")
     split: str = _opt("train", "split to train on")
-    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble, clora, laplace, "
-                              "laplace-ll (MAP, then the Laplace fit)")
+    method: str = _opt("map", "training method: map, mc-dropout, swa, swag, multiswag, ensemble, clora, blob, "
+                              "laplace, laplace-ll (MAP, then the Laplace fit)")
     framing: str = _opt("auto", "letter | cloze | auto (cloze for models < 1B parameters, letter otherwise)")
     epochs: int = _opt(3, "passes over the training questions")
     lr: float = _opt(3e-4, "peak AdamW learning rate")
@@ -110,6 +111,13 @@ class TrainConfig(LoraRunOptions):
     clora_kl_weight: float = _opt(1e-6, "clora: β, the weight of a question's KL (summed over its real tokens and "
                                         "the adapted layers, ~1e5-1e6 terms for SmolLM2-135M) against its NLL")
 
+    blob_prior_std: float = _opt(0.2, "blob: standard deviation σp of the prior N(0, σp²) on every LoRA A entry "
+                                      "(BLoB: 0.2)")
+    blob_init_g: float = _opt(0.05, "blob: ε of the start G ~ U(ε/√2, ε) of A's standard deviation Ω = G² "
+                                    "(BLoB: 0.05, i.e. Ω from 0.00125 to 0.0025)")
+    blob_kl_schedule: str = _opt("reweighted", "blob: KL weight π_i of step i of M in an epoch: reweighted "
+                                               "(BLoB: 2^i/(2^(M+1)-1), growing through the epoch) or uniform (1/M)")
+
     def validate(self) -> "TrainConfig":
         self.check_shared(("epochs", "lr", "batch_size", "max_length"))
         if not 0.0 <= self.val_fraction < 1.0:
@@ -118,6 +126,7 @@ class TrainConfig(LoraRunOptions):
             raise UqloraError(f"config: framing must be auto, letter or cloze, got {self.framing!r}")
         self._validate_methods()
         self._validate_clora()
+        self._validate_blob()
         if not self.lora_targets:
             raise UqloraError("config: lora_targets must name at least one module")
         return self
@@ -147,8 +156,17 @@ class TrainConfig(LoraRunOptions):
     def _validate_clora(self) -> None:
         if self.clora_context not in ("on", "off"):
             raise UqloraError(f"config: clora_context must be on or off, got {self.clora_context!r}")
-        if self.clora_hidden < 1 or not self.clora_prior_std > 0 or not self.clora_kl_weight >= 0:
-            raise UqloraError("config: clora_hidden must be >= 1, clora_prior_std > 0 and clora_kl_weight >= 0")
+        if self.clora_hidden < 1 or not 0 < self.clora_prior_std < math.inf or not 0 <= self.clora_kl_weight < math.inf:
+            raise UqloraError(f"config: clora_hidden must be >= 1, clora_prior_std finite and > 0, clora_kl_weight "
+                              f"finite and >= 0; got {self.clora_hidden}, {self.clora_prior_std}, "
+                              f"{self.clora_kl_weight}")
+
+    def _validate_blob(self) -> None:
+        if not (0 < self.blob_prior_std < math.inf and 0 < self.blob_init_g < math.inf):
+            raise UqloraError(f"config: blob_prior_std and blob_init_g must be finite and > 0, got "
+                              f"{self.blob_prior_std} and {self.blob_init_g}")
+        if self.blob_kl_schedule not in ("reweighted", "uniform"):
+            raise UqloraError(f"config: blob_kl_schedule must be reweighted or uniform, got {self.blob_kl_schedule!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -283,7 +283,8 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
                 if not local:
                     continue
                 qs = [train_qs[i] for i in local]
-                scores = class_scores(framing, model, tokenizer, qs, config.max_length)  # [b, C]
+                with method.scoring(qs):
+                    scores = class_scores(framing, model, tokenizer, qs, config.max_length)  # [b, C]
                 labels = torch.tensor([q.label for q in qs], device=scores.device)
                 losses = method.loss(scores, labels)  # [b]
                 (losses.sum() / len(step_idx)).backward()

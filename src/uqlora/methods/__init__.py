@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UqloraError
 from .base import Adapter, Method
+from .blob import BlobMethod
 from .clora import CLoraMethod
 from .ensemble import EnsembleMethod, MultiSwagMethod
 from .laplace import LaplaceMethod, LastLayerLaplaceMethod
@@ -15,7 +16,8 @@ from .temperature import TemperatureMethod
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod,
-    SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod, CLoraMethod)}
+    SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod, CLoraMethod,
+    BlobMethod)}
 
 
 def get_method(name: str, config=None) -> Method:

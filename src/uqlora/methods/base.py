@@ -1,7 +1,7 @@
 """The protocol every method follows (DESIGN.md "One protocol for every method").
 
 A method sees a model and a function from questions to class scores [B, C]; it never reads files. Its life:
-    training   prepare -> on_train_start -> (learning_rate, loss, on_step_end) per step -> on_train_end
+    training   prepare -> on_train_start -> (learning_rate, scoring + loss, on_step_end) per step -> on_train_end
                -> state_dict() saved in the run's posterior/ (training_state() in checkpoints, for --resume)
     evaluation bind(model, adapters) with each adapter's posterior -> predict per batch of questions
 Ensembles (`member_method`) are trained as independent runs of the member method, one per seed.
@@ -9,6 +9,7 @@ Ensembles (`member_method`) are trained as independent runs of the member method
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -60,6 +61,11 @@ class Method:
     def learning_rate(self, step: int, scheduled: float) -> float:
         """The learning rate of 0-based optimizer step `step`, given the warm-up/decay schedule's value."""
         return scheduled
+
+    def scoring(self, questions: list[Question]):
+        """The context of the training forwards that score `questions` (one micro-batch): a weight-sampling
+        method (BLoB) draws one weight sample per question in it; by default nothing."""
+        return contextlib.nullcontext()
 
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-question training loss [B] from scores [B, C] and labels [B]; extra terms are added by subclasses."""

@@ -21,7 +21,10 @@ says: H = 64, σp = 0.2, σ = sigmoid(ρ)², one training draw, 10 predictive dr
   KL costs nothing for plain LoRA with σ = σp. The code's mean starts random and its prior is N(0, σp²); as
   B E A is unchanged by E -> cE, B -> B/c, a zero-centred prior cannot shrink the update, only raise the noise.
 - The KL sums over real tokens only (the code also sums it over padding), and β is one constant per question
-  (the code scales the KL by 1e-6 / 65 and a per-step reweighting, and the NLL by per-dataset factors).
+  (the code scales the KL by 1e-6 / 65 and a per-step reweighting, and the NLL by per-dataset factors). The
+  default β = 1e-6 is ours: a question's KL has r² terms per real token and adapted layer (~1e5-1e6 for
+  SmolLM2-135M), so β = 1, the exact per-token ELBO, lets the prior erase the context (σ = σp, M = I
+  everywhere), while at 1e-6 halving every σ costs ~0.1 nat per question, the scale of the NLL's changes.
 - No flipout signs: the code multiplies the noise's input and output by random signs, which leaves an E drawn
   independently per token with the same distribution.
 `--clora-context off` (the ablation) replaces the context network by learned M and ρ shared by all tokens; the
@@ -36,11 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import TrainConfig
 from ..errors import UqloraError
 from .base import Adapter, Method, ScoreFn
 from .variational import KlTally, TokenMask, gaussian_kl
 
-E_ATTR = "e_factor"  # the LoRA layer's submodule holding E (no "lora_" in the name: PEFT would save it as LoRA)
+# The E factors live in one ModuleDict on the PEFT model itself, outside its LoRA layers: PEFT saves everything
+# of a LoRA layer in the adapter, which must hold only A and B. Keys: the LoRA layer's name, "." -> "/".
+FACTORS_ATTR = "e_factors"
 
 
 class ContextPosterior(nn.Module):
@@ -130,11 +136,9 @@ class CLoraMethod(Method):
     def __init__(self, config=None):
         super().__init__(config)
         self.mask, self.tally = TokenMask(), KlTally()
-        self.factors: dict[str, EFactor] = {}  # by module name of the EFactor
+        self.factors: dict[str, EFactor] = {}  # by the name of their LoRA layer
 
-    def _settings(self):
-        from ..config import TrainConfig
-
+    def _settings(self) -> TrainConfig:
         return self.config if self.config is not None else TrainConfig()
 
     def _wrap(self, model, adapter: str, tally: KlTally | None) -> None:
@@ -144,17 +148,18 @@ class CLoraMethod(Method):
         layers = lora_layers(model, adapter)
         if not layers:
             raise UqloraError(f"clora: the model has no LoRA layers for adapter {adapter!r}")
+        if hasattr(model, FACTORS_ATTR):
+            raise UqloraError("clora: the model's LoRA layers already have their E factors")
+        model.add_module(FACTORS_ATTR, nn.ModuleDict())
         for name, layer in layers.items():
-            if hasattr(layer, E_ATTR):
-                raise UqloraError(f"clora: LoRA layer {name} already has an E factor")
             b = layer.lora_B[adapter]
             rank = b.in_features
             posterior = ContextPosterior(rank, cfg.clora_hidden) if cfg.clora_context == "on" else FixedPosterior(rank)
             factor = EFactor(posterior, cfg.clora_prior_std, self.mask, tally).to(b.weight.device, b.weight.dtype)
-            factor.train(layer.training)
-            layer.add_module(E_ATTR, factor)
+            factor.train(model.training)
+            getattr(model, FACTORS_ATTR)[name.replace(".", "/")] = factor
             b.register_forward_pre_hook(functools.partial(_e_pre_hook, factor))
-            self.factors[f"{name}.{E_ATTR}"] = factor
+            self.factors[name] = factor
 
     # ---- training ----
     def prepare(self, model):

@@ -145,7 +145,8 @@ def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: s
         "train_questions": fit.questions, "linears": len(blocks), "parameters": sum(b.n_params for b in blocks),
         "low_rank_factors": sum(not f.is_full for b in blocks for f in (b.A, b.G)),
         "factor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
-        "fit_seconds": round(fit_seconds, 2), "factor_seconds": round(fit.factor_seconds, 2), "prior_seconds": round(time.perf_counter() - start, 2),
+        "fit_seconds": round(fit_seconds, 2), "factor_seconds": round(fit.factor_seconds, 2),
+        "prior_seconds": round(time.perf_counter() - start, 2),
     }
     (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
     runs.write_safetensors(runs.posterior_file(run_dir, config.method), state)
