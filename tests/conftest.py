@@ -76,6 +76,16 @@ def task_file(tmp_path) -> Path:
     return write_jsonl_task(tmp_path / "arith.jsonl", 24)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("single_thread")`): its
+    tensors are tiny, and on a busy CPU extra threads only add synchronisation, which makes them very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Interrupt(Exception):
     """Raised by `stop_at` to cut a training run short, as a crash or Ctrl-C would."""
 

@@ -73,13 +73,7 @@ def opts(task_file, **kw) -> EvalOptions:
     return EvalOptions(task=f"jsonl:{task_file}", quiet=True, max_examples=12, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which a busy CPU makes very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ MC_DRAWS = 20_000  # Monte Carlo draws for the moment checks
 Z_TOLERANCE = 5.0  # allowed deviation in standard errors (a false alarm per check has probability ~6e-7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which a busy CPU makes very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def generators(n: int, seed: int = 0) -> list[torch.Generator]:

@@ -58,12 +58,7 @@ def combine_runs(run_dirs: list[Path], out: Path) -> Path:
         for m, run in enumerate(run_dirs):
             member = runs.member_dir(tmp, m)
             member.mkdir(parents=True)
-            for name in MEMBER_FILES:
-                source = run / name
-                if source.is_dir():
-                    shutil.copytree(source, member / name)
-                elif source.is_file():
-                    shutil.copy2(source, member / name)
+            runs.copy_entries(run, member, MEMBER_FILES)
         summaries = [runs.read_json(run / runs.SUMMARY) for run in run_dirs]
         write_text(tmp / runs.CONFIG, dump_yaml(config))
         write_json(tmp / runs.SUMMARY, {

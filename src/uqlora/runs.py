@@ -69,6 +69,16 @@ def eval_dir(run_dir: Path, task: str, split: str, method: str | None = None) ->
     return Path(run_dir) / "eval" / (name if method is None else f"{name}@{method}")
 
 
+def copy_entries(source: Path, dest: Path, names) -> None:
+    """Copy the files and folders `names` of run directory `source` that exist into `dest` (posthoc, combine)."""
+    for name in names:
+        path = Path(source) / name
+        if path.is_dir():
+            shutil.copytree(path, Path(dest) / name)
+        elif path.is_file():
+            shutil.copy2(path, Path(dest) / name)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Put a fully written folder in place of `final` (the old one is removed only after the swap)."""
     old = final.with_name(final.name + ".old")

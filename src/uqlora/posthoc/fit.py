@@ -9,7 +9,6 @@ else up to `val_examples` questions of its training split it did not train on, d
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -87,12 +86,7 @@ def posthoc(run_dir: Path, out: Path, method: str, options: dict, *, quiet: bool
     from accelerate import Accelerator
 
     with run_directory(out, values, False, Accelerator(cpu=config.device == "cpu")):
-        for name in COPIED:
-            source = run_dir / name
-            if source.is_dir():
-                shutil.copytree(source, out / name)
-            elif source.is_file():
-                shutil.copy2(source, out / name)
+        runs.copy_entries(run_dir, out, COPIED)
         fit_run(out, config, quiet=quiet)
     return out
 
