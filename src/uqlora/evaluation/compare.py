@@ -47,6 +47,8 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
             raise UqloraError(f"run directory {run_dir} does not exist.")
         config = read_config(run_dir)
         method = config["method"]
+        if config.get("base_method"):  # temperature scaling of another method's predictive
+            method = f"{config['base_method']}+{method}"
         if "label_smoothing" in config:  # `uqlora sft` runs: the smoothing tells the arms of an experiment apart
             method = f"{method} ls={float(config['label_smoothing']):g}"
         if task is None:
@@ -54,9 +56,11 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
             if not paths:
                 raise UqloraError(f"{run_dir / 'eval'} holds no evaluations (no */metrics.json).")
         else:
-            paths = [task_eval_dir(run_dir, task, "test") / "metrics.json"]
-            if not paths[0].is_file():
-                raise UqloraError(f"{paths[0]} does not exist: run {run_dir.name} has no evaluation on {task}.")
+            own = task_eval_dir(run_dir, task, "test")
+            if not (own / "metrics.json").is_file():
+                raise UqloraError(f"{own / 'metrics.json'} does not exist: run {run_dir.name} has no evaluation on "
+                                  f"{task}.")
+            paths = [own / "metrics.json", *sorted(own.parent.glob(f"{own.name}@*/metrics.json"))]
         for path in paths:  # eval/TASK@METHOD: another predictive of the same run (`evaluate --method`)
             task_name, _, predictive = path.parent.name.partition("@")
             rows.append({"run": run_dir.name, "method": predictive or method, "task": task_name,
