@@ -137,13 +137,16 @@ def test_aggregate_refuses_different_question_counts(tmp_path):
 
 def test_other_predictives_and_temperature_runs(tmp_path):
     """With a task: eval/TASK@METHOD (`evaluate --method/--link/--samples 0`) are rows of their own beside
-    eval/TASK; a temperature run is named after the method it rescales (base_method+temperature)."""
+    eval/TASK; a temperature run is named after the method it rescales (base_method+temperature); the C-LoRA
+    ablation (clora_context off) is a method of its own."""
     lap = make_run(tmp_path, "laplace-s0", "laplace", {"arc-e": MAP_ARC, "arc-e@laplace-mc": SWAG_ARC,
                                                         "obqa": MAP_OBQA})
     temp = make_run(tmp_path, "temp-s0", "temperature", {"arc-e": MAP_ARC})
     (temp / "config.yaml").write_text("method: temperature\nbase_method: swag\nmodel: smollm2-135m\nseed: 0\n")
-    rows = collect_rows([lap, temp], "arc-e")
+    ablation = make_run(tmp_path, "clora-off-s0", "clora", {"arc-e": MAP_ARC})
+    (ablation / "config.yaml").write_text("method: clora\nclora_context: 'off'\nmodel: smollm2-135m\nseed: 0\n")
+    rows = collect_rows([lap, temp, ablation], "arc-e")
     assert [(r["run"], r["method"], r["task"]) for r in rows] == [
         ("laplace-s0", "laplace", "arc-e"), ("laplace-s0", "laplace-mc", "arc-e"),
-        ("temp-s0", "swag+temperature", "arc-e")]
+        ("temp-s0", "swag+temperature", "arc-e"), ("clora-off-s0", "clora context=off", "arc-e")]
     assert rows[1]["ece"] == SWAG_ARC["ece"]

@@ -49,6 +49,8 @@ def collect_rows(run_dirs: list[Path], task: str | None = None) -> list[dict]:
         method = config["method"]
         if config.get("base_method"):  # temperature scaling of another method's predictive
             method = f"{config['base_method']}+{method}"
+        if config.get("clora_context") == "off" and method == "clora":  # the ablation is its own row
+            method = "clora context=off"
         if "label_smoothing" in config:  # `uqlora sft` runs: the smoothing tells the arms of an experiment apart
             method = f"{method} ls={float(config['label_smoothing']):g}"
         if task is None:
