@@ -50,3 +50,14 @@ def test_saved_config_round_trip():
 def test_invalid_values(values, message):
     with pytest.raises(UqloraError, match=message):
         from_mapping(values, "test")
+
+
+def test_yaml_booleans_for_text_options(tmp_path):
+    """`clora_context: off` unquoted is YAML 1.1's False: a clear error asking for quotes, not the text "False";
+    quoted, it is read as written."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method: clora\nclora_context: off\n")
+    with pytest.raises(UqloraError, match="write it in quotes"):
+        resolve(str(path), {})
+    path.write_text("method: clora\nclora_context: 'off'\n")
+    assert resolve(str(path), {}).clora_context == "off"

@@ -229,6 +229,9 @@ def _coerce(cls, name: str, value, where: str):
             raise ValueError
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if base is str and isinstance(value, bool):  # YAML 1.1 reads off/on/yes/no as booleans
+            raise UqloraError(f"{where}: {name} must be text, but YAML read {value!r} (from off/on/no/yes); "
+                              f"write it in quotes, e.g. {name}: 'off'")
         return base(value)
     except (TypeError, ValueError):
         raise UqloraError(f"{where}: {name} must be {base.__name__}, got {value!r}") from None
