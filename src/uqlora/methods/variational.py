@@ -1,5 +1,5 @@
-"""What the variational LoRA methods (BLoB, C-LoRA) share: which positions of a layer's input are real tokens,
-and the KL terms their layers add up during a forward.
+"""What the variational LoRA methods share: the closed-form Gaussian KL (BLoB, C-LoRA) and, for a per-token
+posterior (C-LoRA), which positions of a layer's input are real tokens and the KL its layers add up in a forward.
 
 Real tokens: a forward pre-hook on the model keeps the `attention_mask` of every call; a layer whose input has T
 positions takes its last T columns (the cloze continuation forward's mask is [K, Lq + Lc] for inputs of Lc
