@@ -1,4 +1,4 @@
-"""The `uqlora` command: train, evaluate, compare, demo, tasks, sft, posthoc, combine.
+"""The `uqlora` command: train, evaluate, compare, ood, demo, tasks, sft, posthoc, combine.
 
 Every failure the user can fix (bad input, missing file, mismatched adapter, NaN loss) is a UqloraError:
 one line `error: ...` on stderr and exit status 2.
@@ -109,6 +109,17 @@ def _compare_parser(sub) -> None:
                    help="one row per method and task: mean ± sample std over the runs (seeds)")
 
 
+def _ood_parser(sub) -> None:
+    p = sub.add_parser("ood", help="OOD detection: AUROC/AUPR of uncertainty scores, own task vs other tasks",
+                       description="Reads RUN/eval/TASK/predictions.jsonl of each task (`uqlora evaluate RUN "
+                                   "--task TASK` first); positives are the OOD questions. Writes "
+                                   "RUN/eval/ood-IN_TASK.json and .md.")
+    p.add_argument("run_dir", type=Path, help="run directory evaluated on the in-task and the OOD task(s)")
+    p.add_argument("--in-task", required=True, help="the in-distribution task (negatives), e.g. obqa")
+    p.add_argument("--ood-task", required=True, nargs="+", help="one or more OOD tasks (positives), e.g. arc-c")
+    p.add_argument("--split", default="test", help="split the evaluations were made on (default test)")
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="SmolLM2-135M zero-shot vs MAP-LoRA on OpenBookQA, end to end")
     p.add_argument("--fast", action="store_true", help="a small version that finishes in a few minutes")
@@ -127,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sft_parser(sub)
     _posthoc_parser(sub)
     _combine_parser(sub)
+    _ood_parser(sub)
     sub.add_parser("tasks", help="list the tasks and their splits")
     return parser
 
@@ -229,6 +241,15 @@ def cmd_compare(args) -> None:
     print(f"written: {md} {csv}")
 
 
+def cmd_ood(args) -> None:
+    from .evaluation.ood import ood_report, print_table, write_ood_report
+
+    report = ood_report(args.run_dir, args.in_task, args.ood_task, args.split)
+    print_table(report)
+    json_path, md_path = write_ood_report(report, args.run_dir)
+    print(f"written: {json_path} {md_path}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -249,7 +270,7 @@ def cmd_tasks(_args) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
             "tasks": cmd_tasks, "sft": cmd_sft, "posthoc": cmd_posthoc,
-            "combine": cmd_combine}
+            "combine": cmd_combine, "ood": cmd_ood}
 
 
 def main(argv: list[str] | None = None) -> int:
