@@ -66,4 +66,5 @@ for SEED in $SEEDS; do
   combine multiswag "$SEED" swag
   evaluate "$R/multiswag-seed$SEED" "$TASK" --samples "$MULTI_SAMPLES"
 done
-$UQ compare "$MAP_ROOT/$TASK"/map-seed* "$R"/*-seed* --task "$TASK" --out "$R" --aggregate
+RUNS=(); for SEED in $SEEDS; do RUNS+=("$MAP_ROOT/$TASK/map-seed$SEED" "$R"/*-seed"$SEED"); done
+$UQ compare "${RUNS[@]}" --task "$TASK" --out "$R" --aggregate

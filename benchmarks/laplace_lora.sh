@@ -37,4 +37,5 @@ for SEED in $SEEDS; do
     evaluate "$R/laplace-seed$SEED" "$TASK@laplace-mc" --link mc --samples 10
   fi
 done
-$UQ compare "$MAP_ROOT/$TASK"/map-seed* "$R"/*-seed* --task "$TASK" --out "$R" --aggregate
+RUNS=(); for SEED in $SEEDS; do RUNS+=("$MAP_ROOT/$TASK/map-seed$SEED" "$R"/*-seed"$SEED"); done
+$UQ compare "${RUNS[@]}" --task "$TASK" --out "$R" --aggregate

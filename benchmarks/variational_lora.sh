@@ -42,4 +42,5 @@ for SEED in $SEEDS; do
   train "$R/clora-nocontext-seed$SEED" "$SEED" --method clora --clora-context off
   evaluate "$R/clora-nocontext-seed$SEED" "$TASK" --samples 10
 done
-$UQ compare "$MAP_ROOT/$TASK"/map-seed* "$R"/*-seed* --task "$TASK" --out "$R" --aggregate
+RUNS=(); for SEED in $SEEDS; do RUNS+=("$MAP_ROOT/$TASK/map-seed$SEED" "$R"/*-seed"$SEED"); done
+$UQ compare "${RUNS[@]}" --task "$TASK" --out "$R" --aggregate
