@@ -1,6 +1,11 @@
 """Post-hoc fits on a trained run: `uqlora posthoc RUN --method laplace|laplace-ll|temperature --out DIR`
 copies RUN into DIR (adapter, posterior, members) and fits there; `uqlora train --method laplace` fits in place.
 
+DESIGN.md sketches a `Method.fit(model, loader)`; the fits live here instead because they need what a method
+never sees (the run directory, its training and validation questions, the framing), and because a temperature
+fit wraps another method's whole predictive. The methods (methods/laplace.py, temperature.py) only read the
+fitted state at evaluation.
+
 Questions: the Laplace curvature is summed over the questions the run trained on (its TrainConfig selects them
 again); the validation questions (prior by val-nll, temperature) are the run's held-out slice when it has one,
 else up to `val_examples` questions of its training split it did not train on, drawn with VAL_SEED.
