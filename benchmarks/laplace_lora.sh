@@ -11,15 +11,10 @@ SEEDS=${*:-0}
 UQ=${UQLORA:-.venv/bin/uqlora}
 LINKS=${LINKS:-probit mc}
 EVAL=(--task "$TASK" --split test --max-examples 500 --quiet)
+source "$(dirname "$0")/lib.sh"
 
 posthoc() {  # MAP METHOD RUN
   [ -f "$3/config.yaml" ] || /usr/bin/time -f "$3 fit: %e s" $UQ posthoc "$1" --method "$2" --out "$3" --quiet
-}
-
-evaluate() {  # RUN EVALDIR ARGS...
-  local run=$1 dir=$2; shift 2
-  [ -f "$run/eval/$dir/metrics.json" ] ||
-    /usr/bin/time -f "$run eval $dir: %e s" $UQ evaluate "$run" "${EVAL[@]}" "$@"
 }
 
 for SEED in $SEEDS; do

@@ -11,23 +11,8 @@ SEEDS=${*:-0}
 UQ=${UQLORA:-.venv/bin/uqlora}
 COMMON=(--model smollm2-135m --task "$TASK" --split train --max-examples 500 --epochs 3 --lr 3e-4 --batch-size 8 --quiet)
 EVAL=(--task "$TASK" --split test --max-examples 500 --quiet)
+source "$(dirname "$0")/lib.sh"
 R="$OUT/$TASK"
-
-train() {  # RUN SEED ARGS...
-  local run=$1 seed=$2; shift 2
-  [ -f "$run/train_summary.json" ] && return
-  if [ -d "$run" ]; then
-    /usr/bin/time -f "$run train (resumed): %e s" $UQ train --out "$run" --resume --quiet
-  else
-    /usr/bin/time -f "$run train: %e s" $UQ train "${COMMON[@]}" --seed "$seed" --out "$run" "$@"
-  fi
-}
-
-evaluate() {  # RUN EVALDIR ARGS...
-  local run=$1 dir=$2; shift 2
-  [ -f "$run/eval/$dir/metrics.json" ] ||
-    /usr/bin/time -f "$run eval $dir: %e s" $UQ evaluate "$run" "${EVAL[@]}" "$@"
-}
 
 for SEED in $SEEDS; do
   MAP="$MAP_ROOT/$TASK/map-seed$SEED"

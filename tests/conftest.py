@@ -71,6 +71,29 @@ def write_jsonl_task(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    """A 24-question task shared by a test module's runs."""
+    return write_jsonl_task(tmp_path_factory.mktemp("task") / "arith.jsonl", 24)
+
+
+def predictions(run: Path, name: str = "jsonl-arith") -> list[dict]:
+    """The lines of RUN/eval/NAME/predictions.jsonl."""
+    lines = (run / "eval" / name / "predictions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def probs_of(run: Path, name: str = "jsonl-arith") -> torch.Tensor:
+    return torch.tensor([p["probs"] for p in predictions(run, name)])
+
+
+def opts(task_file: Path, **kw):
+    """Quiet EvalOptions for a jsonl task file."""
+    from uqlora.evaluate import EvalOptions
+
+    return EvalOptions(task=f"jsonl:{task_file}", quiet=True, **kw)
+
+
 @pytest.fixture
 def task_file(tmp_path) -> Path:
     return write_jsonl_task(tmp_path / "arith.jsonl", 24)

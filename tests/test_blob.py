@@ -7,7 +7,6 @@ KL gradient; bit-identical files and predictions for reruns, seeds and resumed r
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import Interrupt, stop_at
+from conftest import Interrupt, predictions, probs_of, stop_at
 from uqlora.config import TrainConfig
 from uqlora.data import load_questions
 from uqlora.data.question import Question
@@ -61,26 +60,11 @@ def first_layer(model):
     return name, model.get_submodule(name)
 
 
-def predictions(run, name="jsonl-arith"):
-    return [json.loads(line) for line in (run / "eval" / name / "predictions.jsonl").read_text().splitlines()]
-
-
-def probs_of(run, name="jsonl-arith") -> torch.Tensor:
-    return torch.tensor([p["probs"] for p in predictions(run, name)])
-
-
 def opts(task_file, **kw) -> EvalOptions:
     return EvalOptions(task=f"jsonl:{task_file}", quiet=True, max_examples=12, **kw)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from conftest import write_jsonl_task
-
-    return write_jsonl_task(tmp_path_factory.mktemp("task") / "arith.jsonl", 24)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import Interrupt, stop_at
+from conftest import Interrupt, opts, predictions, probs_of, stop_at
 from uqlora.cli import main
 from uqlora.config import TrainConfig
 from uqlora.errors import UqloraError
-from uqlora.evaluate import EvalOptions, evaluate
+from uqlora.evaluate import evaluate
 from uqlora.train import train
 
 # 24 questions, batch 4, 2 epochs = 12 steps; collection after step 6, every step: 6 snapshots, rank 3 wraps.
@@ -30,26 +30,6 @@ def config_for(model_dir, task_file, **kw) -> TrainConfig:
     base = dict(model=str(model_dir), task=f"jsonl:{task_file}", batch_size=4, lr=5e-3, lora_r=4, device="cpu",
                 framing="cloze")
     return TrainConfig(**{**base, **kw}).validate()
-
-
-def predictions(run, name="jsonl-arith"):
-    lines = (run / "eval" / name / "predictions.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def probs_of(run, name="jsonl-arith") -> torch.Tensor:
-    return torch.tensor([p["probs"] for p in predictions(run, name)])
-
-
-def opts(task_file, **kw) -> EvalOptions:
-    return EvalOptions(task=f"jsonl:{task_file}", quiet=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from conftest import write_jsonl_task
-
-    return write_jsonl_task(tmp_path_factory.mktemp("task") / "arith.jsonl", 24)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import opts, probs_of
 from uqlora.cli import main
 from uqlora.config import TrainConfig
 from uqlora.errors import UqloraError
-from uqlora.evaluate import EvalOptions, evaluate
+from uqlora.evaluate import evaluate
 from uqlora.posthoc.fit import posthoc, validation_questions
 from uqlora.train import train
 
@@ -27,22 +28,6 @@ def config_for(model_dir, task_file, **kw) -> TrainConfig:
     base = dict(model=str(model_dir), task=f"jsonl:{task_file}", max_examples=16, batch_size=4, lr=5e-3, lora_r=4,
                 epochs=1, device="cpu", framing="cloze", seed=2)
     return TrainConfig(**{**base, **kw}).validate()
-
-
-def probs_of(run, name="jsonl-arith") -> torch.Tensor:
-    lines = (run / "eval" / name / "predictions.jsonl").read_text().splitlines()
-    return torch.tensor([json.loads(line)["probs"] for line in lines])
-
-
-def opts(task_file, **kw) -> EvalOptions:
-    return EvalOptions(task=f"jsonl:{task_file}", quiet=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from conftest import write_jsonl_task
-
-    return write_jsonl_task(tmp_path_factory.mktemp("task") / "arith.jsonl", 24)
 
 
 @pytest.fixture(scope="module")
