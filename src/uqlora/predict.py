@@ -11,6 +11,7 @@ from .data.question import Question
 from .evaluation.metrics import mutual_information
 from .framing import class_scores
 from .methods.base import Method
+from .methods.batched import AUTO, sample_batching
 
 
 def shard(items: list, accelerator) -> list[int]:
@@ -27,10 +28,12 @@ class Predictive(NamedTuple):
 
 def predict_probs(method: Method, model, tokenizer, framing: str, questions: list[Question], *, accelerator,
                   batch_size: int, max_length: int, n_samples: int = 1, quiet: bool = False,
-                  desc: str = "predict", keep_draws: bool = False) -> Predictive:
+                  desc: str = "predict", keep_draws: bool = False, sample_batch: int = AUTO) -> Predictive:
     """The predictive of `method` on `questions`: mean probabilities over S posterior draws, and their MI.
 
-    Every process gets the full result; each question is scored once, by one process.
+    Every process gets the full result; each question is scored once, by one process. A sampling method scores
+    `sample_batch` draws per forward (AUTO: as many as fit, 1: one at a time; methods/batched.py), with the same
+    result either way.
     """
     from accelerate.utils import gather_object
 
@@ -43,7 +46,7 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(questions), desc=desc, disable=quiet or not accelerator.is_main_process, leave=False)
-    with torch.no_grad():
+    with torch.no_grad(), sample_batching(sample_batch, tokenizer):
         for start in range(0, len(local), batch_size):
             idx = local[start:start + batch_size]
             sample_probs = method.predict(score_fn, [questions[i] for i in idx], n_samples)  # [S, B, C]

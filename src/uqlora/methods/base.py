@@ -5,6 +5,8 @@ A method sees a model and a function from questions to class scores [B, C]; it n
                -> state_dict() saved in the run's posterior/ (training_state() in checkpoints, for --resume)
     evaluation bind(model, adapters) with each adapter's posterior -> predict per batch of questions
 Ensembles (`member_method`) are trained as independent runs of the member method, one per seed.
+A sampling method's draw s of member m takes its randomness from `draw_generator(seed, m, s)` alone, so its draws
+can be scored one per forward or several in one forward (batched.py) with the same result.
 """
 
 from __future__ import annotations
@@ -124,5 +126,6 @@ class Method:
         return n_samples
 
     def predict(self, score_fn: ScoreFn, questions: list[Question], n_samples: int) -> torch.Tensor:
-        """Class probabilities of S posterior draws: [S, B, C]."""
+        """Class probabilities of S posterior draws: [S, B, C]; a sampling method scores as many draws per call of
+        score_fn as `batched.sample_batching` allows (one, outside it)."""
         raise NotImplementedError

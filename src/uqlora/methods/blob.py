@@ -30,8 +30,11 @@ KL is part of the one AdamW objective train.py optimizes. Defaults as in the pap
 ε = 0.05, σ_p = 0.2, K = 1 sample per question in training, N = 10 at evaluation.
 
 Prediction: the class probabilities averaged over N weight draws (paper: N = 10), or with `--samples 0` the
-posterior mean A = M (the paper's "BLoB (N = 0)"), deterministic. Draws use the global torch RNG, seeded by
-`train --seed` (and restored on --resume) and by `evaluate --seed`.
+posterior mean A = M (the paper's "BLoB (N = 0)"), deterministic. Draw s takes its E and signs from its own CPU
+generator `draw_generator(seed, 0, s)` (`evaluate --seed`), so the draws do not depend on the batch order, and S
+draws can share one forward (batched.py): the questions replicated S times, question b of draw s is example
+s·B + b with its own signs, and each layer's noise term multiplies draw s's rows by its own Ω ∘ E_s (one bmm).
+Training draws from the global torch RNG, seeded by `train --seed` (and restored on --resume).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ import torch.nn.functional as F
 from ..data.question import Question
 from ..errors import UqloraError
 from ..framing import forward_row_owners
-from .base import Adapter, Method, ScoreFn
+from . import batched
+from .base import Adapter, Method, ScoreFn, draw_generator
 from .variational import gaussian_kl
 
 TRAIN_ADAPTER = "default"  # the adapter name add_lora (PEFT) gives the LoRA layers it trains
@@ -76,15 +80,22 @@ def random_signs(shape: tuple[int, ...], device, dtype) -> torch.Tensor:
 
 
 class Draw:
-    """The noise of one posterior draw for `n_examples` examples: per layer, E [r, in] shared by the batch and
-    sign vectors r [n, in], s [n, r], one pair per example; `owners(rows)` gives the example [rows] of every
-    row of a forward of `rows` rows. Drawn from the global torch RNG when a layer first needs them."""
+    """The noise of S posterior draws (one in training) for `n_examples` examples each: per layer and draw, E
+    [r, in] shared by the draw's examples and sign vectors r [in], s [r] per example; `owners(rows)` gives the
+    example [rows] (in [0, S·n)) of every row of a forward of `rows` rows. Drawn when a layer first needs them:
+    from the global torch RNG (training), or from each draw's own generator (`batch`, prediction)."""
 
-    def __init__(self, n_examples: int, owners: Callable[[int], torch.Tensor]):
+    def __init__(self, n_examples: int, owners: Callable[[int], torch.Tensor],
+                 batch: batched.DrawBatch | None = None):
         self.n_examples = n_examples
+        self.batch = batch
         self._owners = owners
         self._owners_by_rows: dict[int, torch.Tensor] = {}
         self.noise: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_draws(self) -> int:
+        return 1 if self.batch is None else self.batch.n_draws
 
     def owners(self, rows: int) -> torch.Tensor:
         """The example [rows] of each row of a forward of `rows` rows (the same for every layer)."""
@@ -94,16 +105,26 @@ class Draw:
 
     @classmethod
     def for_questions(cls, questions: list[Question]) -> "Draw":
-        """One weight sample per question, in all the forwards of its framing."""
+        """One weight sample per question, in all the forwards of its framing (training: the global RNG)."""
         return cls(len(questions), lambda rows: forward_row_owners(questions, [rows])[0])
 
+    @classmethod
+    def for_batch(cls, batch: batched.DrawBatch) -> "Draw":
+        """The batch's draws, one weight sample per replicated question, from the draws' own generators."""
+        return cls(batch.n_questions, batch.owners, batch)
+
     def layer_noise(self, layer: torch.nn.Module, shape: torch.Size, device, dtype):
-        """(E [r, in], r signs [n, in], s signs [n, r]) of `layer`, whose A has `shape` [r, in]."""
+        """(E [S, r, in], r signs [S·n, in], s signs [S·n, r]) of `layer`, whose A has `shape` [r, in]."""
         if layer not in self.noise:
             rank, width = shape
-            self.noise[layer] = (torch.randn(rank, width, device=device, dtype=dtype),
-                                 random_signs((self.n_examples, width), device, dtype),
-                                 random_signs((self.n_examples, rank), device, dtype))
+            n, b = self.n_examples, self.batch
+            if b is None:
+                self.noise[layer] = (torch.randn(rank, width, device=device, dtype=dtype)[None],
+                                     random_signs((n, width), device, dtype), random_signs((n, rank), device, dtype))
+            else:  # each generator gives E, then r, then s, as it would alone
+                self.noise[layer] = (b.normal((rank, width), device, dtype),
+                                     b.signs((n, width), device, dtype).flatten(0, 1),
+                                     b.signs((n, rank), device, dtype).flatten(0, 1))
         return self.noise[layer]
 
 
@@ -120,13 +141,16 @@ class VariationalA(torch.nn.Module):
         return self.g.to(dtype or self.g.dtype) ** 2
 
     def perturbation(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
-        """ΔA_n x for every row of x [rows, ..., in] (row k belongs to example owners[k]): [rows, ..., r]."""
-        e, r_signs, s_signs = draw.layer_noise(self, self.g.shape, x.device, x.dtype)
+        """ΔA_n x for every row of x [rows, ..., in] (row k belongs to example owners[k], and to draw owners[k] // n:
+        the rows hold the draws in equal consecutive blocks): [rows, ..., r]."""
+        e, r_signs, s_signs = draw.layer_noise(self, self.g.shape, x.device, x.dtype)  # E: [S, r, in]
         owners = draw.owners(x.shape[0]).to(x.device)  # [rows]
         middle = (1,) * (x.dim() - 2)  # the token axis, broadcast: an example keeps its signs at every position
         r = r_signs[owners].view(x.shape[0], *middle, -1)  # [rows, 1, in]
         s = s_signs[owners].view(x.shape[0], *middle, -1)  # [rows, 1, r]
-        return ((x * r) @ (self.std(x.dtype) * e).T) * s  # [rows, ..., r]
+        xr = (x * r).reshape(draw.n_draws, -1, x.shape[-1])  # [S, rows/S·T, in]: draw s's rows in block s
+        out = xr @ (self.std(x.dtype) * e).transpose(1, 2)  # [S, rows/S·T, r]
+        return out.reshape(*x.shape[:-1], -1) * s  # [rows, ..., r]
 
 
 class BlobMethod(Method):
@@ -242,8 +266,10 @@ class BlobMethod(Method):
     def predict(self, score_fn: ScoreFn, questions: list[Question], n_samples: int) -> torch.Tensor:
         if n_samples == 0:
             return torch.softmax(score_fn(questions), dim=-1)[None]  # [1, B, C]: A = M, deterministic
-        draws = []
-        for _ in range(n_samples):
-            with self.scoring(questions):
-                draws.append(torch.softmax(score_fn(questions), dim=-1))  # [B, C]
-        return torch.stack(draws)  # [S, B, C]
+
+        def score(draws: range) -> torch.Tensor:  # [len(draws), B, C]
+            batch = batched.DrawBatch.seeded(questions, [draw_generator(self.seed, 0, s) for s in draws])
+            with self.drawing(Draw.for_batch(batch)):
+                return batched.score_draws(score_fn, batch)
+
+        return batched.predict_draws(n_samples, score, self.model, questions)  # [S, B, C]

@@ -13,7 +13,10 @@ For every adapted layer and every token t of every input row (numbered here; the
 
 Training draws one E_t = M(z_t) + σ(z_t) ⊙ ε_t, ε_t ~ N(0, I), per token and per row (reparameterised, from the
 global torch RNG: reproducible for a seed and restored by --resume). The predictive averages the softmax of S
-such draws; S = 0 takes E_t = M(z_t), the posterior mean (deterministic).
+such draws; S = 0 takes E_t = M(z_t), the posterior mean (deterministic). At prediction draw s takes its ε from its
+own CPU generator `draw_generator(seed, 0, s)` (`evaluate --seed`), the same whether it is scored alone or with
+other draws in one forward (batched.py: the questions replicated S times, draw s's rows in block s; A and B are
+shared, only ε differs), and whatever the batch order.
 
 Defaults, from the authors' public code (github.com/ahra99/c_lora, modelwrappers/c_lora.py), as the config help
 says: H = 64, σp = 0.2, σ = sigmoid(ρ)², one training draw, 10 predictive draws. Where this module differs:
@@ -41,7 +44,8 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import UqloraError
-from .base import Adapter, Method, ScoreFn
+from . import batched
+from .base import Adapter, Method, ScoreFn, draw_generator
 from .variational import KlTally, TokenMask, gaussian_kl
 
 # The E factors live in one ModuleDict on the PEFT model itself, outside its LoRA layers: PEFT saves everything
@@ -86,7 +90,8 @@ def apply_e(e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class EFactor(nn.Module):
-    """E between A and B of one LoRA layer: z -> E z, E drawn per token in training mode, E = M in eval mode."""
+    """E between A and B of one LoRA layer: z -> E z, E drawn per token from the draws of `draws` (prediction) or
+    the global RNG in training mode; E = M in eval mode without draws."""
 
     def __init__(self, posterior: nn.Module, prior_std: float, mask: TokenMask, tally: KlTally | None):
         super().__init__()
@@ -94,6 +99,7 @@ class EFactor(nn.Module):
         self.prior_std = prior_std
         self.mask = mask  # the model's real tokens (plain attributes, not submodules)
         self.tally = tally  # None: no KL (evaluation)
+        self.draws: batched.DrawBatch | None = None  # prediction: the posterior draws of the current forward
 
     def distribution(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean M and standard deviation σ of q(E | z): [rows, T, r, r] each (context off: [r, r])."""
@@ -102,6 +108,9 @@ class EFactor(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z [rows, T, r]
         mean, std = self.distribution(z)
+        if self.draws is not None:  # prediction: ε [rows, T, r, r], the rows of draw s from its generator
+            eps = self.draws.per_row(self.draws.normal, (*z.shape, z.shape[-1]), z.device, z.dtype)
+            return apply_e(mean + std * eps, z)
         if not self.training:
             return apply_e(mean, z)
         eps = torch.randn(*z.shape, z.shape[-1], dtype=z.dtype, device=z.device)  # [rows, T, r, r]
@@ -206,13 +215,18 @@ class CLoraMethod(Method):
             factor.requires_grad_(False)
 
     def predict(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
-        """[S, B, C]: S draws of every E (the E factors alone in training mode); S = 0: [1, B, C] at E = M."""
+        """[S, B, C]: S draws of every E, draw s from draw_generator(seed, 0, s); S = 0: [1, B, C] at E = M."""
         if n_samples == 0:
             return torch.softmax(score_fn(questions), dim=-1)[None]
-        for factor in self.factors.values():
-            factor.train()
-        try:
-            return torch.stack([torch.softmax(score_fn(questions), dim=-1) for _ in range(n_samples)])
-        finally:
-            for factor in self.factors.values():
-                factor.eval()
+
+        def score(draws: range) -> torch.Tensor:  # [len(draws), B, C]
+            batch = batched.DrawBatch.seeded(questions, [draw_generator(self.seed, 0, s) for s in draws])
+            try:
+                for factor in self.factors.values():
+                    factor.draws = batch
+                return batched.score_draws(score_fn, batch)
+            finally:
+                for factor in self.factors.values():
+                    factor.draws = None
+
+        return batched.predict_draws(n_samples, score, self.model, questions)  # [S, B, C]

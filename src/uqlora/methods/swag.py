@@ -5,8 +5,10 @@ Bayesian Low-Rank Adaptation of Large Language Models").
 During training, once `swag_start` of the optimizer steps are done, the flattened LoRA weights theta [P] are
 collected every `swag_every` steps (default: each epoch's end), optionally at a constant `swa_lr`. The run's
 adapter is the SWA mean. SWAG also keeps the second moment and the last K deviations ((K+2)*P floats) and samples
-theta = theta_SWA + sqrt(scale) * (sigma * z1 / sqrt(2) + D z2 / sqrt(2(K-1))), written into the LoRA weights in
-place for each draw. The numerics live in swag_moments.py.
+theta = theta_SWA + sqrt(scale) * (sigma * z1 / sqrt(2) + D z2 / sqrt(2(K-1))), z1 and z2 of draw s from
+`draw_generator(seed, member, s)`. The sequential loop writes each draw into the LoRA weights in place; the batched
+path (batched.py) stacks the draws' A and B per layer and scores S draws in one forward. The numerics live in
+swag_moments.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UqloraError
+from . import batched
 from .base import Adapter, Method, ScoreFn, draw_generator
 from .swag_moments import SwagMoments
 
@@ -115,12 +118,46 @@ class SwagMethod(SwaMethod):
                               f"{theta.numel()}, or its mean differs from the adapter weights): it belongs to another run")
 
     def predict(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
+        if batched.sequential():
+            return self.predict_in_place(score_fn, questions, n_samples)
+        layers = batched.lora_linears(self.model, self.adapters[0].name)
+
+        def score(draws: range) -> torch.Tensor:  # [len(draws), B, C]
+            batch = batched.DrawBatch.seeded(questions, self.generators(draws))
+            factors = self.draw_factors(layers, batch.generators)
+            return batched.score_stacked(self.model, self.adapters[0].name, layers, factors, batch, score_fn)
+
+        return batched.predict_draws(n_samples, score, self.model, questions)  # [S, B, C]
+
+    def predict_in_place(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
+        """The sequential loop: each draw written into the LoRA weights in turn, one forward each; [S, B, C]."""
         draws = []
         try:
-            for s in range(n_samples):
-                theta = self.moments.sample(self.scale, draw_generator(self.seed, self.member, s))  # [P]
+            for generator in self.generators(range(n_samples)):
+                theta = self.moments.sample(self.scale, generator)  # [P]
                 write_flat(self.params, theta)
                 draws.append(torch.softmax(score_fn(questions), dim=-1))
         finally:
             write_flat(self.params, self.moments.mean)
         return torch.stack(draws)  # [S, B, C]
+
+    def generators(self, draws) -> list[torch.Generator]:
+        """The CPU generators of this member's posterior draws `draws`."""
+        return [draw_generator(self.seed, self.member, s) for s in draws]
+
+    def draw_factors(self, layers: dict[str, torch.nn.Module], generators: list[torch.Generator]
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A [S, r, in], B [S, out, r]) of every LoRA layer of this member for the S draws whose generators are
+        given, in the weights' dtype and device."""
+        thetas = torch.stack([self.moments.sample(self.scale, g) for g in generators])  # [S, P]
+        offsets, start = {}, 0
+        for p in self.params:  # theta's layout: the parameters flattened in order
+            offsets[p] = start
+            start += p.numel()
+
+        def stacked(p: torch.nn.Parameter) -> torch.Tensor:  # [S, *p.shape]
+            part = thetas[:, offsets[p]:offsets[p] + p.numel()].reshape(len(generators), *p.shape)
+            return part.to(device=p.device, dtype=p.dtype)
+
+        name = self.adapters[0].name
+        return {n: (stacked(m.lora_A[name].weight), stacked(m.lora_B[name].weight)) for n, m in layers.items()}

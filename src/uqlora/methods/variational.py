@@ -8,7 +8,8 @@ positions only, never over padding.
 
 Training: each variational layer adds its KL of this forward to `KlTally.total`; the method's `loss` reads the
 tally once per micro-batch (`take`) and adds β·KL to the NLL. Prediction: `samples` draws (0: the posterior mean,
-deterministic).
+deterministic), draw s's noise from its own generator `base.draw_generator(seed, 0, s)`, several draws per forward
+by batched.py.
 """
 
 from __future__ import annotations
