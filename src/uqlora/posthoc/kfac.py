@@ -152,14 +152,54 @@ class FactorAccumulator:
         for chunk in x.split(self.rank):  # [<= k, d]
             self._update_top(chunk)
 
+    def _root(self) -> torch.Tensor:
+        """U diag(√s) [d, k]: the low-rank part is root rootᵀ."""
+        return self._state["basis"] * self._state["eigvals"].sqrt()
+
     def _update_top(self, chunk: torch.Tensor) -> None:
-        """(U, s) <- top-k eigenpairs of U diag(s) Uᵀ + chunkᵀ chunk, via QR and a small SVD."""
-        st = self._state
-        thin = torch.cat([st["basis"] * st["eigvals"].sqrt(), chunk.T], dim=1)  # [d, k + c]
-        Q, R = torch.linalg.qr(thin)  # [d, m], [m, k + c], m = min(d, k + c) >= k
+        """(U, s) <- top-k eigenpairs of U diag(s) Uᵀ + chunkᵀ chunk."""
+        self._truncate(torch.cat([self._root(), chunk.T], dim=1))  # [d, k + c]
+
+    def _truncate(self, thin: torch.Tensor) -> None:
+        """(U, s) <- top-k eigenpairs of thin thinᵀ for thin [d, c] (c >= k), via QR and a small SVD."""
+        Q, R = torch.linalg.qr(thin)  # [d, m], [m, c], m = min(d, c) >= k
         left, sing, _ = torch.linalg.svd(R.double(), full_matrices=False)  # [m, m], [m]
-        st["basis"] = Q @ left[:, :self.rank].float()  # [d, k]
-        st["eigvals"] = sing[:self.rank].square().float()  # [k], descending
+        self._state["basis"] = Q @ left[:, :self.rank].float()  # [d, k]
+        self._state["eigvals"] = sing[:self.rank].square().float()  # [k], descending
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """What `merge` needs of this accumulator: rows [] (int64), and gram [d, d] (full side) or diag [d] and
+        root U diag(√s) [d, k] (low rank)."""
+        if self.device is None:
+            self._init_state(torch.device("cpu"))
+        rows = torch.tensor(self.rows_seen, device=self.device)
+        if self.full:
+            return {"rows": rows, "gram": self._state["gram"]}
+        return {"rows": rows, "diag": self._state["diag"], "root": self._root()}
+
+    def merge(self, summaries: list[dict[str, torch.Tensor]]) -> None:
+        """Become the sum of the accumulators whose `summary()`s are given (processes that each added a share of
+        the rows; every process passes the same list in the same order, so all end with the same factor).
+
+        Rows, gram and diagonal add exactly. The low-rank part becomes the top k of Σ_p root_p root_pᵀ by the same
+        truncated SVD `add` applies to each chunk: N streams and one more truncation instead of one stream. Both
+        are exact when all the rows together have rank <= k; otherwise each keeps a low-rank part U diag(s) Uᵀ ⪯ F
+        and drops the energy trace(F) − Σ s = Σ residual, so the two low-rank parts differ by at most the sum of
+        what both dropped (in trace norm).
+        """
+        keys = {"rows", "gram"} if self.full else {"rows", "diag", "root"}
+        sides = [s[k].shape[0] for s in summaries for k in keys - {"rows"} if k in s]
+        if not summaries or any(set(s) != keys for s in summaries) or any(d != self.dim for d in sides):
+            raise UqloraError(f"merging curvature factors of side {self.dim} needs summaries with {sorted(keys)} of "
+                              f"that side, got {[{k: tuple(v.shape) for k, v in s.items()} for s in summaries][:2]}")
+        if self.device is None:
+            self._init_state(summaries[0]["rows"].device)
+        self.rows_seen = int(sum(int(s["rows"]) for s in summaries))
+        if self.full:
+            self._state["gram"] = sum(s["gram"].to(self.device) for s in summaries)
+            return
+        self._state["diag"] = sum(s["diag"].to(self.device) for s in summaries)
+        self._truncate(torch.cat([s["root"].to(self.device) for s in summaries], dim=1))  # [d, N k]
 
     def factor(self) -> Factor:
         """The accumulated F: full eigendecomposition (eigh in float64) or low rank plus diagonal, float32."""

@@ -1,0 +1,109 @@
+"""Run the cells of a benchmark that are not done, one after another, then write the report.
+
+Each cell is an ordinary `uqlora` command. By default it runs in its own Python process (`run_subprocess`): the
+wall times and peak memory it records are its own, and its output goes to OUT/logs/CELL.log. `run_in_process`
+runs it in this process instead (the tests: no interpreter start per cell; peak RSS is then the process's so far).
+A failing cell stops the sweep with its error and leaves the finished cells in place; running the benchmark again
+skips them, resumes an interrupted training, and redoes an interrupted post-hoc fit (state.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UqloraError
+from .config import Benchmark
+from .plan import Cell, plan
+from .report import write_report
+from .state import DONE, REDO, RESUME, RUN, cell_state
+
+Executor = Callable[[list[str], Path], None]  # (uqlora arguments, log file) -> None; UqloraError on failure
+ACTION = {RUN: "running", RESUME: "resuming the interrupted training",
+          REDO: "removed the unfinished folder, running again"}
+
+
+def run_subprocess(argv: list[str], log: Path) -> None:
+    """`python -m uqlora.cli ARGV` in its own process, stdout and stderr to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as out:
+        out.write(f"$ uqlora {shlex.join(argv)}\n")
+        out.flush()
+        code = subprocess.run([sys.executable, "-m", "uqlora.cli", *argv], stdout=out, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    if code != 0:
+        raise UqloraError(f"`uqlora {argv[0]}` exited with status {code}: {_last_error(log)} (output: {log})")
+
+
+def run_in_process(argv: list[str], log: Path) -> None:
+    """The cell's command in this process (exceptions propagate; nothing is logged)."""
+    from ..cli import COMMANDS, build_parser
+
+    args = build_parser().parse_args(argv)
+    COMMANDS[args.command](args)
+
+
+def _last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool = False,
+                  execute: Executor = run_subprocess, echo: Callable[[str], None] = print) -> Path | None:
+    """Run what is not done (or only list it: dry_run; or only report: report_only); returns the report folder."""
+    cells = plan(bench)
+    states = [cell_state(bench, cell) for cell in cells]  # refuses mismatched runs before anything runs
+    if dry_run:
+        _print_plan(bench, cells, states, echo)
+        return None
+    if not report_only:
+        todo = [(cell, state) for cell, state in zip(cells, states) if state != DONE]
+        echo(f"{bench.path}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
+        for i, (cell, state) in enumerate(todo, 1):
+            _run_cell(bench, cell, state, execute, f"[{i}/{len(todo)}]", echo)
+    report = write_report(bench)
+    echo(f"report: {report / 'report.md'}")
+    return report
+
+
+def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, prefix: str, echo) -> None:
+    argv = list(cell.argv)
+    if state == RESUME:
+        argv = ["train", "--out", str(cell.run), "--resume", "--quiet"]
+    elif state == REDO:
+        shutil.rmtree(cell.run)
+    echo(f"{prefix} {cell.label}: {ACTION[state]}")
+    start = time.perf_counter()
+    try:
+        execute(argv, bench.out / "logs" / log_name(cell))
+    except UqloraError as err:
+        raise UqloraError(f"{cell.label} failed: {err}. The finished cells are kept; `uqlora benchmark "
+                          f"{bench.path}` continues from there") from None
+    except KeyboardInterrupt:
+        echo(f"{prefix} {cell.label}: interrupted; `uqlora benchmark {bench.path}` continues from there")
+        raise
+    echo(f"{prefix} {cell.label}: done in {time.perf_counter() - start:.1f} s")
+
+
+def log_name(cell: Cell) -> str:
+    """OUT/logs/TASK-RUN-STEP[-EVALFOLDER].log: one file per cell."""
+    name = f"{cell.run.parent.name}-{cell.run.name}-{cell.step}"
+    return name + (f"-{cell.result.name}" if cell.result is not None else "") + ".log"
+
+
+def _print_plan(bench: Benchmark, cells: list[Cell], states: list[str], echo) -> None:
+    counts = {s: states.count(s) for s in dict.fromkeys(states)}
+    echo(f"{bench.path}: {len(cells)} cells (" + ", ".join(f"{n} {s}" for s, n in counts.items()) +
+         f"); runs in {bench.out / 'runs'}")
+    for cell, state in zip(cells, states):
+        echo(f"  {state:6s}  {cell.label}")
+        if state == RESUME:
+            echo(f"          uqlora train --out {shlex.quote(str(cell.run))} --resume --quiet")
+        elif state != DONE:
+            echo(f"          {cell.command}")

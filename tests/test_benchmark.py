@@ -1,0 +1,306 @@
+"""`uqlora benchmark`: configs/smoke.yaml (map, mc-dropout as another predictive, temperature as a post-hoc fit,
+a 2-member ensemble by combine, a shift task and its OOD table) run end to end on the tiny model and three small
+task files, interrupted inside a training cell and run again.
+
+Oracles: the report's ACC/ECE/NLL/Brier mean ± std equal `uqlora compare --aggregate` of the same runs; its
+AUROC/AUPR equal `evaluation.ood.ood_report` of each seed's run, averaged; finished cells are not run again
+(their files keep their modification times). Config errors and mismatched run directories: one error naming
+the key or the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+import uqlora.evaluate
+import uqlora.train
+from conftest import REPO, write_jsonl_task
+from uqlora.benchmark import load_benchmark, run_benchmark
+from uqlora.benchmark.plan import expected_config, plan, run_dir
+from uqlora.benchmark.runner import run_in_process, run_subprocess
+from uqlora.benchmark.state import REDO, RESUME, cell_state
+from uqlora.cli import main
+from uqlora.errors import UqloraError
+from uqlora.evaluation.ood import ood_report
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+METHODS = ["map", "mc-dropout", "temperature", "ensemble"]
+SCORES = ("accuracy", "ece", "nll", "brier")
+REPORT_FILES = ("report.md", "in_distribution.csv", "shift.csv", "results.csv", "ood.csv", "cost.csv",
+                "reliability.png")
+
+
+def smoke_config(root: Path, model_dir: Path, **changes) -> Path:
+    """configs/smoke.yaml with the tiny model, three 24-question task files (a, b trained; c the shift task),
+    checkpoints every 2 steps (so an interrupted training resumes) and `changes` on top; returns its path."""
+    data = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    tasks = [f"jsonl:{write_jsonl_task(root / f'{name}.jsonl', 24, seed=i)}" for i, name in enumerate("abc")]
+    data.update(model=str(model_dir), out=str(root / "out"), tasks=tasks[:2],
+                shift={"train_task": tasks[0], "eval_tasks": [tasks[2]]})
+    data["train"].update(device="cpu", save_every=2)
+    data.update(changes)
+    path = root / "bench.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def finished_files(bench, cells) -> dict[Path, int]:
+    """The file that marks each cell finished, with its modification time in ns."""
+    marks = {"train": "train_summary.json", "posthoc": "posterior/temperature.json", "combine": "config.yaml"}
+    paths = [c.result / "metrics.json" if c.step == "evaluate" else c.run / marks[c.step] for c in cells]
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tiny_model_dir):
+    """The smoke grid, interrupted (Ctrl-C) at optimizer step 3 of its second training (map seed 1 of task a, the
+    ensemble's second member) and run again; returns (benchmark, progress lines of each run, mtimes of the cells
+    finished by the first run, the cells' states between the runs)."""
+    root = tmp_path_factory.mktemp("bench")
+    bench = load_benchmark(smoke_config(root, tiny_model_dir))
+    interrupted = run_dir(bench, "map", bench.tasks[0], 1)
+    real_train = uqlora.train.train
+
+    def ctrl_c(step: int) -> None:
+        if step == 3:  # after the checkpoint of step 2 (save_every: 2)
+            raise KeyboardInterrupt
+
+    def train_interrupted(config, out, **kw):
+        return real_train(config, out, **kw, **({"step_hook": ctrl_c} if Path(out) == interrupted else {}))
+
+    first, second = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        # each evaluation's own reliability.png is evaluate's business (tested there) and half of its time here
+        mp.setattr(uqlora.evaluate, "plot_reliability", lambda *args, **kw: None)
+        with mp.context() as interrupting:
+            interrupting.setattr(uqlora.train, "train", train_interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                run_benchmark(bench, execute=run_in_process, echo=first.append)
+        done = [c for c in plan(bench) if cell_state(bench, c) == "done"]
+        before = finished_files(bench, done)
+        states = {c.label: cell_state(bench, c) for c in plan(bench)}
+        run_benchmark(bench, execute=run_in_process, echo=second.append)
+    return bench, first, second, before, states
+
+
+def test_interrupted_sweep_resumes_without_redoing(grid):
+    """The first run stops at the interrupted training (its checkpoint kept: state resume); the second does not
+    touch the 5 cells finished before, resumes that training with --resume and runs the rest."""
+    bench, first, second, before, states = grid
+    label, total = f"train map {bench.tasks[0]} seed 1", len(plan(bench))
+    assert len(before) == 5 and states[label] == RESUME
+    assert first[-1] == f"[6/{total}] {label}: interrupted; `uqlora benchmark {bench.path}` continues from there"
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert second[0] == f"{bench.path}: {total} cells, 5 done, {total - 5} to run"
+    assert f"[1/{total - 5}] {label}: resuming the interrupted training" in second
+    assert all(cell_state(bench, c) == "done" for c in plan(bench))
+    done_lines = [line for line in second if ": done in " in line]
+    assert len(done_lines) == total - 5 and all(line.endswith(" s") for line in done_lines)
+
+
+def test_grid_trains_ensemble_members_beyond_the_seeds(grid):
+    """Seeds 0, 1 with 2-member ensembles: map is trained on seeds 0, 1, 2 of each task, evaluated on 0 and 1."""
+    bench = grid[0]
+    cells = plan(bench)
+    trained = sorted((c.task, c.seed) for c in cells if c.step == "train")
+    assert trained == sorted((t, s) for t in bench.tasks for s in (0, 1, 2))
+    assert {c.seed for c in cells if c.step == "evaluate"} == {0, 1}
+    combined = json.loads((run_dir(bench, "ensemble", bench.tasks[0], 1) / "train_summary.json").read_text())
+    assert combined["combined_from"] == [str(run_dir(bench, "map", bench.tasks[0], s)) for s in (1, 2)]
+
+
+def test_report_files_and_rows(grid):
+    """Every report file; one in-distribution and shift row per method, one long row per method × task × seed,
+    a cost row per method with MAP's ratios exactly 1, OOD rows with MI only for mc-dropout."""
+    bench = grid[0]
+    report = bench.out / "report"
+    assert all((report / name).is_file() for name in REPORT_FILES)
+    assert [r["method"] for r in read_csv(report / "in_distribution.csv")] == METHODS
+    assert [r["method"] for r in read_csv(report / "shift.csv")] == METHODS
+    long = read_csv(report / "results.csv")
+    assert len(long) == len(METHODS) * 2 * 2 + len(METHODS) * 2  # in-distribution 2 tasks × 2 seeds; shift 1 task
+    assert {(r["setting"], r["eval_task"]) for r in long} == {
+        ("in-distribution", bench.tasks[0]), ("in-distribution", bench.tasks[1]), ("shift", bench.shift.eval_tasks[0])}
+    cost = {r["method"]: r for r in read_csv(report / "cost.csv")}
+    assert list(cost) == METHODS
+    assert all(float(cost["map"][f"{q}_ratio"]) == 1.0 for q in ("train_seconds", "predict_seconds", "train_peak"))
+    ood = read_csv(report / "ood.csv")
+    assert {(r["method"], r["score"]) for r in ood if r["score"] == "mutual_information"} == {
+        ("mc-dropout", "mutual_information"), ("ensemble", "mutual_information")}
+    text = (report / "report.md").read_text()
+    assert "Scale `smoke`" in text and "## OOD detection" in text and "Missing" not in text
+    assert (report / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_equals_compare_aggregate(grid, tmp_path):
+    """in_distribution.csv holds, per method and task, the mean and std `uqlora compare --aggregate` computes."""
+    bench = grid[0]
+    table = {r["method"]: r for r in read_csv(bench.out / "report" / "in_distribution.csv")}
+    compare_names = {"map": "map", "mc-dropout": "mc-dropout", "temperature": "map+temperature",
+                     "ensemble": "ensemble"}
+    for task in bench.tasks:
+        label = "jsonl-" + Path(task[6:]).stem
+        for method, shown in compare_names.items():
+            runs = [str(run_dir(bench, method, task, s)) for s in bench.seeds]
+            assert main(["compare", *runs, "--task", task, "--aggregate", "--out", str(tmp_path)]) == 0
+            row = next(r for r in read_csv(tmp_path / "comparison.csv") if r["method"] == shown)
+            for key in SCORES:
+                assert float(table[method][f"{label}:{key}"]) == float(row[key])
+                assert float(table[method][f"{label}:{key}_std"]) == float(row[key + "_std"])
+            assert table[method][f"{label}:runs"] == row["runs"] == "2"
+
+
+def test_ood_equals_ood_report(grid):
+    """ood.csv and the report's AUROC cells: ood_report of each seed's run (mc-dropout's eval/TASK@mc-dropout)."""
+    bench = grid[0]
+    a, c = bench.shift.train_task, bench.shift.eval_tasks[0]
+    rows = read_csv(bench.out / "report" / "ood.csv")
+    for method, predictive in (("map", None), ("mc-dropout", "mc-dropout")):
+        for seed in bench.seeds:
+            direct = ood_report(run_dir(bench, method, a, seed), a, [c], "test", predictive)["ood"][c]["scores"]
+            for score, values in direct.items():
+                if score == "max_prob":
+                    continue
+                row = next(r for r in rows if (r["method"], r["seed"], r["score"]) == (method, str(seed), score))
+                assert (float(row["auroc"]), float(row["aupr"])) == (values["auroc"], values["aupr"])
+    mc = [float(r["auroc"]) for r in rows if (r["method"], r["score"]) == ("mc-dropout", "mutual_information")]
+    cell = f"{100 * statistics.fmean(mc):.1f} ± {100 * statistics.stdev(mc):.1f}"
+    auroc_table = (bench.out / "report" / "report.md").read_text().split("AUROC (%)")[1].split("AUPR (%)")[0]
+    assert cell in next(line for line in auroc_table.splitlines() if line.startswith("| mc-dropout |"))
+
+
+def test_peak_memory_recorded_and_na_for_older_runs(grid, tmp_path):
+    """train_summary.json, the fit record and metrics.json carry the peak memory; a copy of the benchmark whose
+    temperature fits lack it (as older runs do) reports n/a for temperature's training peak, numbers otherwise."""
+    bench = grid[0]
+    map_run = run_dir(bench, "map", bench.tasks[0], 0)
+    for path in (map_run / "train_summary.json", map_run / "eval" / "jsonl-a" / "metrics.json",
+                 run_dir(bench, "temperature", bench.tasks[0], 0) / "posterior" / "temperature.json"):
+        record = json.loads(path.read_text())
+        assert record["peak_memory_bytes"] > 0 and record["peak_memory_measure"] == "process_max_rss"
+    copy = dataclasses.replace(bench, out=tmp_path / "out")
+    shutil.copytree(bench.out, copy.out)
+    for fit in copy.out.glob("runs/*/temperature-seed*/posterior/temperature.json"):
+        record = json.loads(fit.read_text())
+        del record["peak_memory_bytes"], record["peak_memory_measure"]
+        fit.write_text(json.dumps(record))
+    run_benchmark(copy, report_only=True, echo=lambda line: None)
+    rows = read_csv(copy.out / "report" / "cost.csv")
+    temperature = next(r for r in rows if r["method"] == "temperature")
+    assert temperature["train_peak_ratio"] == "" and temperature["train_peak_pairs"] == "0"
+    assert float(temperature["predict_peak_ratio"]) > 0
+    cost_part = (copy.out / "report" / "report.md").read_text().split("## Cost")[1]
+    line = next(ln for ln in cost_part.splitlines() if ln.startswith("| temperature |"))
+    assert line.split(" | ")[3] == "n/a"
+
+
+def test_cli_dry_run_and_report_only(grid, capsys):
+    """`uqlora benchmark CONFIG --dry-run` lists every cell as done; --report-only rewrites the report."""
+    bench = grid[0]
+    assert main(["benchmark", str(bench.path), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{bench.path}: {len(plan(bench))} cells ({len(plan(bench))} done)")
+    assert all(line.startswith("  done  ") for line in out[1:])
+    assert main(["benchmark", str(bench.path), "--report-only"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {bench.out / 'report' / 'report.md'}"
+
+
+BAD_CONFIGS = [
+    ({"methodz": {}}, "unknown key 'methodz'"),
+    ({"scale": None}, "scale must be a non-empty text"),
+    ({"seeds": [0, 0]}, "seeds lists 0 more than once"),
+    ({"tasks": ["obqq"]}, "tasks[0]: unknown task 'obqq'"),
+    ({"train": {"seed": 3}}, "train.seed is set by the benchmark"),
+    ({"train": {"lr": "fast"}}, "train: lr must be float"),
+    ({"eval": {"bins": 10}}, "eval: unknown key 'bins'"),
+    ({"methods": {"map": {"samples": 3}}}, "methods.map.samples: method 'map' has a deterministic predictive"),
+    ({"methods": {"map": {}, "t": {"posthoc": "mapp"}}}, "methods.t.posthoc: 'mapp' is not a method listed before"),
+    ({"methods": {"map": {}, "mc": {"reuse": "map", "predictive": "swa"}}}, "methods.mc.predictive"),
+    ({"methods": {"map": {}, "again": {"reuse": "map"}}}, "methods.again: evaluates 'map''s runs exactly"),
+    ({"methods": {"map": {}, "ens": {"combine": "map", "members": 1}}}, "methods.ens.members must be an integer >= 2"),
+    ({"methods": {"blob": {}, "ens": {"combine": "blob", "members": 2}}}, "methods.ens.combine: 'blob' must be"),
+    ({"methods": {"m": {"method": "map", "options": {"clora_context": False}}}}, "methods.m: clora_context"),
+    ({"methods": {"laplace": {}}}, "methods.laplace.method 'laplace' is not trained by `uqlora train`"),
+    ({"shift": {"train_task": "arc-c", "eval_tasks": ["obqa"]}}, "shift.train_task 'arc-c' must be one of tasks"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_config_errors_name_the_key(tmp_path, changes, message):
+    """One UqloraError per problem, naming the file and the key."""
+    base = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base, **changes}, sort_keys=False))
+    with pytest.raises(UqloraError) as err:
+        load_benchmark(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_shipped_configs_plan(tmp_path):
+    """configs/smollm2-cpu.yaml: foundation.sh's settings; map and swag trained on seeds 0-4 for the 3-member
+    ensembles, every method evaluated on 3 tasks and on the 6 shift tasks for seeds 0-2."""
+    bench = load_benchmark(REPO / "configs" / "smollm2-cpu.yaml")
+    config = expected_config(bench, "map", "obqa", 0)
+    assert (config["max_examples"], config["epochs"], config["lr"], config["batch_size"]) == (500, 3, 3e-4, 8)
+    cells = plan(bench)
+    trained = {(c.method, c.task, c.seed) for c in cells if c.step == "train"}
+    assert {s for m, t, s in trained if m == "map" and t == "arc-e"} == {0, 1, 2, 3, 4}
+    assert {s for m, t, s in trained if m == "blob"} == {0, 1, 2}
+    evals = [c for c in cells if c.step == "evaluate"]
+    assert len(evals) == len(bench.methods) * 3 * (3 + 6)
+    assert len({c.result for c in evals}) == len(evals)
+
+
+def test_mismatched_or_foreign_run_directory_is_refused(tmp_path, tiny_model_dir):
+    """A run folder whose config.yaml differs from the cell's (lr) is refused naming the folder and the key; a
+    folder without config.yaml too; a partial post-hoc fit (config only) is redone."""
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    run = run_dir(bench, "map", bench.tasks[0], 0)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({**expected_config(bench, "map", bench.tasks[0], 0), "lr": 0.1}))
+    with pytest.raises(UqloraError, match=r"map-seed0 was made with other settings .* lr: 0.1 \(expected 0.005\)"):
+        run_benchmark(bench, dry_run=True, echo=lambda line: None)
+    (run / "config.yaml").unlink()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UqloraError, match="map-seed0 exists but holds no config.yaml"):
+        run_benchmark(bench, dry_run=True, echo=lambda line: None)
+    shutil.rmtree(run)
+    fit = run_dir(bench, "temperature", bench.tasks[0], 0)
+    fit.mkdir(parents=True)
+    (fit / "config.yaml").write_text(yaml.safe_dump(expected_config(bench, "temperature", bench.tasks[0], 0)))
+    cell = next(c for c in plan(bench) if c.step == "posthoc")
+    assert cell.run == fit and cell_state(bench, cell) == REDO
+
+
+def test_failed_cell_stops_the_sweep(tmp_path, tiny_model_dir):
+    """A cell whose command fails: the sweep stops with one error naming the cell and how to continue."""
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+
+    def fail(argv, log):
+        raise UqloraError("the data is gone")
+
+    with pytest.raises(UqloraError, match=r"^train map jsonl:.* seed 0 failed: the data is gone\. The finished "
+                                          r"cells are kept; `uqlora benchmark .*` continues from there$"):
+        run_benchmark(bench, execute=fail, echo=lambda line: None)
+
+
+def test_subprocess_executor_logs_and_reports_errors(tmp_path):
+    """run_subprocess: the command's output goes to the log; a failure raises its `error:` line and the log path."""
+    log = tmp_path / "logs" / "cell.log"
+    run_subprocess(["tasks"], log)
+    assert log.read_text().startswith("$ uqlora tasks\n") and "obqa" in log.read_text()
+    with pytest.raises(UqloraError, match=r"`uqlora combine` exited with status 2: error: combine needs at least "
+                                          r"two runs \(output: .*cell.log\)"):
+        run_subprocess(["combine", str(tmp_path / "x"), "--out", str(tmp_path / "y")], log)
