@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md "Laplace-LoRA and temperature scaling": post-hoc posteriors of the MAP runs of
 # benchmarks/foundation.sh (SmolLM2-135M, 500 training questions, 3 epochs, cloze; 500 test questions):
-# MAP vs temperature vs laplace-ll vs laplace (probit, and mc with 10 draws), each with the defaults
+# MAP vs temperature vs laplace-ll vs laplace (probit, and mc with MC_DRAWS logit draws, 1000 by default: the
+# draws are cheap next to the Jacobians, and 10 nearly one-hot draws estimate E[softmax] too coarsely), each with the defaults
 # (fisher curvature, prior precision by the Laplace evidence; temperature on 200 unused training questions).
 # Skips finished cells, so it can be run again to continue. LINKS="probit" skips the mc evaluations.
 # Usage: bash benchmarks/laplace_lora.sh MAP_ROOT OUT TASK [SEED ...]   (MAP runs: MAP_ROOT/TASK/map-seedS)
@@ -29,7 +30,7 @@ for SEED in $SEEDS; do
   posthoc "$MAP" laplace "$R/laplace-seed$SEED"
   evaluate "$R/laplace-seed$SEED" "$TASK"
   if [[ " $LINKS " == *" mc "* ]]; then
-    evaluate "$R/laplace-seed$SEED" "$TASK@laplace-mc" --link mc --samples 10
+    evaluate "$R/laplace-seed$SEED" "$TASK@laplace-mc" --link mc --samples "${MC_DRAWS:-1000}"
   fi
 done
 RUNS=(); for SEED in $SEEDS; do RUNS+=("$MAP_ROOT/$TASK/map-seed$SEED" "$R"/*-seed"$SEED"); done
