@@ -186,3 +186,16 @@ def test_zero_shot_missing_model_makes_no_run(capsys, tmp_path):
     msg = run_cli(capsys, "evaluate", "--model", tmp_path / "nomodel.gguf", "--out", tmp_path / "zs", "--task", "obqa")
     assert "nomodel.gguf" in msg
     assert not (tmp_path / "zs").exists()
+
+
+def test_result_lines_printed_by_the_main_process_only(capsys, monkeypatch):
+    """Under torchrun every process runs the command; only RANK 0 prints its result line (errors: all)."""
+    from uqlora.cli import say
+
+    monkeypatch.setenv("RANK", "1")
+    say("evaluated")
+    monkeypatch.setenv("RANK", "0")
+    say("trained")
+    monkeypatch.delenv("RANK")
+    say("fitted")
+    assert capsys.readouterr().out.splitlines() == ["trained", "fitted"]

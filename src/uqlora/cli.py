@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import warnings
@@ -29,6 +30,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p)
+
+
+def say(message: str) -> None:
+    """Print a command's result line once: on the main process only when several run (torchrun/accelerate set
+    RANK for every process); errors are still printed by every process."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
 
 
 def _sft_parser(sub) -> None:
@@ -177,7 +185,7 @@ def cmd_train(args) -> None:
     else:
         config = resolve(args.config, flags)
     train(config, args.out, resume=args.resume, quiet=args.quiet)
-    print(f"trained {config.method} on {config.task}/{config.split}: {args.out}")
+    say(f"trained {config.method} on {config.task}/{config.split}: {args.out}")
 
 
 def cmd_sft(args) -> None:
@@ -194,7 +202,7 @@ def cmd_sft(args) -> None:
     else:
         config = resolve(args.config, flags, SftConfig)
     sft(config, args.out, resume=args.resume, quiet=args.quiet)
-    print(f"fine-tuned ({config.method}, label smoothing {config.label_smoothing}) on {config.data}: {args.out}")
+    say(f"fine-tuned ({config.method}, label smoothing {config.label_smoothing}) on {config.data}: {args.out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -223,7 +231,7 @@ def cmd_evaluate(args) -> None:
             raise UqloraError("--out and --framing are for zero-shot evaluation (--model); a run keeps its own")
         run_dir = args.run_dir
         metrics = evaluate(run_dir, opts)
-    print(f"{run_dir} {args.task}/{args.split}: n={metrics['n']} acc={metrics['accuracy']:.4f} "
+    say(f"{run_dir} {args.task}/{args.split}: n={metrics['n']} acc={metrics['accuracy']:.4f} "
           f"ece={metrics['ece']:.4f} nll={metrics['nll']:.4f} brier={metrics['brier']:.4f} "
           f"-> {result_dir(run_dir, runs.read_config(run_dir), opts)}")
 
@@ -235,7 +243,7 @@ def cmd_posthoc(args) -> None:
     out = posthoc(args.run_dir, args.out, args.method, options, quiet=args.quiet)
     summary = runs.read_json(out / runs.POSTERIOR / f"{args.method}.json")
     shown = {k: summary[k] for k in ("prior_precision", "temperature", "fit_seconds", "seconds") if k in summary}
-    print(f"fitted {args.method} on {args.run_dir}: {out} {shown}")
+    say(f"fitted {args.method} on {args.run_dir}: {out} {shown}")
 
 
 def cmd_combine(args) -> None:
