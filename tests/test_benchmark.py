@@ -24,7 +24,7 @@ import uqlora.evaluate
 import uqlora.train
 from conftest import REPO, write_jsonl_task
 from uqlora.benchmark import load_benchmark, run_benchmark
-from uqlora.benchmark.plan import expected_config, plan, run_dir
+from uqlora.benchmark.plan import expected_config, plan, run_dir, subset
 from uqlora.benchmark.runner import run_in_process, run_subprocess
 from uqlora.benchmark.state import REDO, RESUME, cell_state
 from uqlora.cli import main
@@ -207,7 +207,8 @@ def test_peak_memory_recorded_and_na_for_older_runs(grid, tmp_path):
 
 
 def test_cli_dry_run_and_report_only(grid, capsys):
-    """`uqlora benchmark CONFIG --dry-run` lists every cell as done; --report-only rewrites the report."""
+    """`uqlora benchmark CONFIG --dry-run` lists every cell as done (with --methods/--seeds: the part's cells);
+    --report-only rewrites the report."""
     bench = grid[0]
     assert main(["benchmark", str(bench.path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -215,6 +216,9 @@ def test_cli_dry_run_and_report_only(grid, capsys):
     assert all(line.startswith("  done  ") for line in out[1:])
     assert main(["benchmark", str(bench.path), "--report-only"]) == 0
     assert capsys.readouterr().out.strip() == f"report: {bench.out / 'report' / 'report.md'}"
+    part = plan(subset(bench, methods=["map"], seeds=[0]))
+    assert main(["benchmark", str(bench.path), "--dry-run", "--methods", "map", "--seeds", "0"]) == 0
+    assert capsys.readouterr().out.startswith(f"{bench.path}: {len(part)} cells ({len(part)} done)")
 
 
 BAD_CONFIGS = [
@@ -261,6 +265,26 @@ def test_shipped_configs_plan(tmp_path):
     evals = [c for c in cells if c.step == "evaluate"]
     assert len(evals) == len(bench.methods) * 3 * (3 + 6)
     assert len({c.result for c in evals}) == len(evals)
+
+
+def test_subset_plans_the_selected_cells_and_what_they_start_from():
+    """`--methods/--tasks/--seeds`: exactly the full plan's cells of the selected entries (plus the runs they start
+    from), tasks and seeds, with the same folders and commands; a shift evaluation needs both of its tasks."""
+    bench = load_benchmark(REPO / "configs" / "smollm2-cpu.yaml")
+    full = {c.key: c for c in plan(bench)}
+    part = plan(subset(bench, methods=["laplace-mc", "ensemble"], tasks=["obqa", "arc-c"], seeds=[1]))
+    assert all(full[c.key].argv == c.argv for c in part)
+    assert {c.method for c in part} == {"map", "laplace", "laplace-mc", "ensemble"}
+    assert {(c.task, c.eval_task) for c in part if c.step == "evaluate"} == {
+        ("obqa", "obqa"), ("arc-c", "arc-c"), ("obqa", "arc-c")}  # arc-c as a shift task of the obqa runs
+    assert {c.seed for c in part if c.step != "train"} == {1}
+    assert {c.seed for c in part if c.step == "train"} == {1, 2, 3}  # the ensemble of seed 1 combines 1..3
+    only_arc = plan(subset(bench, tasks=["arc-e"], seeds=[0]))
+    assert {c.task for c in only_arc} == {"arc-e"} and {c.eval_task for c in only_arc} == {"arc-e", None}
+    for kwargs, message in [({"methods": ["lapl"]}, "no method 'lapl'"), ({"tasks": ["boolq"]}, "no task 'boolq'"),
+                            ({"seeds": [7]}, "no seed 7"), ({"tasks": ["mmlu:college_physics"]}, "at least one")]:
+        with pytest.raises(UqloraError, match=message):
+            subset(bench, **kwargs)
 
 
 def test_mismatched_or_foreign_run_directory_is_refused(tmp_path, tiny_model_dir):

@@ -142,6 +142,11 @@ def _benchmark_parser(sub) -> None:
                       "the others; run nothing")
     mode.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run "
                       "nothing")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="run only these entries of `methods` (and the "
+                   "ones whose runs they start from); the report still covers the whole grid")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="run only the cells trained or evaluated on these "
+                   "tasks (a shift evaluation needs its train task and its eval task)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds of the grid")
 
 
 def _demo_parser(sub) -> None:
@@ -277,8 +282,13 @@ def cmd_ood(args) -> None:
 
 def cmd_benchmark(args) -> None:
     from .benchmark import load_benchmark, run_benchmark
+    from .benchmark.plan import subset
 
-    run_benchmark(load_benchmark(args.config), dry_run=args.dry_run, report_only=args.report_only)
+    bench = load_benchmark(args.config)
+    part = None
+    if args.methods or args.tasks or args.seeds:
+        part = subset(bench, args.methods, args.tasks, args.seeds)
+    run_benchmark(bench, dry_run=args.dry_run, report_only=args.report_only, part=part)
 
 
 def cmd_demo(args) -> None:

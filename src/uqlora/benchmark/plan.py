@@ -10,6 +10,7 @@ beyond the grid's (their cells say "ensemble member"; they are not evaluated).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..errors import UqloraError
 from ..evaluate import ALTERNATIVE_PREDICTIVES, EvalOptions, result_dir
 from ..methods import get_method
 from ..posthoc.fit import LAPLACE_BASES, POSTHOC_METHODS, POSTHOC_OPTIONS
-from .config import RESERVED, Benchmark, MethodSpec
+from .config import RESERVED, Benchmark, MethodSpec, Shift
 
 LAPLACE = ("laplace", "laplace-ll")
 
@@ -184,6 +185,38 @@ def _check_samples(bench: Benchmark, spec: MethodSpec, where: str) -> None:
         get_method(name, from_mapping({**config, **overrides, "method": name}, where)).check_samples(spec.samples)
     except UqloraError as err:
         raise UqloraError(f"{where}.samples: {err}") from None
+
+
+# -- part of the grid ---------------------------------------------------------------------------------------
+
+def subset(bench: Benchmark, methods=None, tasks=None, seeds=None) -> Benchmark:
+    """The part of `bench` to run: only the entries `methods` (with the entries whose runs they start from),
+    the cells trained or evaluated on `tasks` (a shift evaluation needs both its train task and its eval task
+    selected) and the seeds `seeds` (ensembles still combine seeds s..s+M-1). None: all. Same runs, same folders."""
+    where = f"{bench.path}: "
+    names = list(bench.methods)
+    for name in (m for m in methods or () if m not in names):
+        raise UqloraError(f"{where}no method {name!r} in the grid ({', '.join(names)})")
+    every_task = (*bench.tasks, *(bench.shift.eval_tasks if bench.shift else ()))
+    for task in (t for t in tasks or () if t not in every_task):
+        raise UqloraError(f"{where}no task {task!r} in the grid ({', '.join(every_task)})")
+    for seed in (s for s in seeds or () if s not in bench.seeds):
+        raise UqloraError(f"{where}no seed {seed} in the grid ({', '.join(map(str, bench.seeds))})")
+    keep = set(methods or names)
+    for name in reversed(names):  # a base is listed before the entries that start from it
+        if name in keep and bench.methods[name].base is not None:
+            keep.add(bench.methods[name].base)
+    chosen = set(tasks or every_task)
+    train_tasks = tuple(t for t in bench.tasks if t in chosen)
+    if not train_tasks:
+        raise UqloraError(f"{where}select at least one of the tasks trained on ({', '.join(bench.tasks)})")
+    shift = None
+    if bench.shift and bench.shift.train_task in chosen:
+        eval_tasks = tuple(t for t in bench.shift.eval_tasks if t in chosen)
+        shift = Shift(bench.shift.train_task, eval_tasks) if eval_tasks else None
+    return dataclasses.replace(bench, methods={n: s for n, s in bench.methods.items() if n in keep},
+                               tasks=train_tasks, seeds=tuple(s for s in bench.seeds if s in set(seeds or bench.seeds)),
+                               shift=shift)
 
 
 # -- the cells ------------------------------------------------------------------------------------------------

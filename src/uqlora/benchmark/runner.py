@@ -55,9 +55,11 @@ def _last_error(log: Path) -> str:
 
 
 def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool = False,
-                  execute: Executor = run_subprocess, echo: Callable[[str], None] = print) -> Path | None:
-    """Run what is not done (or only list it: dry_run; or only report: report_only); returns the report folder."""
-    cells = plan(bench)
+                  execute: Executor = run_subprocess, echo: Callable[[str], None] = print,
+                  part: Benchmark | None = None) -> Path | None:
+    """Run what is not done (or only list it: dry_run; or only report: report_only); returns the report folder.
+    `part` (plan.subset of bench): run and list only its cells; the report is still of the whole grid."""
+    cells = plan(part or bench)
     states = [cell_state(bench, cell) for cell in cells]  # refuses mismatched runs before anything runs
     if dry_run:
         _print_plan(bench, cells, states, echo)
