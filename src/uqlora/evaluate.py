@@ -35,7 +35,7 @@ class EvalOptions:
     method: str | None = None  # another predictive of the same training (ALTERNATIVE_PREDICTIVES)
     link: str | None = None  # laplace: probit or mc; default: the run's
     batch_size: int = 8
-    sample_batch: int = 0  # posterior draws per forward: 0 = as many as fit (methods/batched.py), 1 = one at a time
+    sample_batch: int = 0  # posterior draws per forward: 0 = auto (CUDA as many as fit, CPU 1; methods/batched.py)
     data_dir: str | None = None  # default: the run's
     source: str | None = None  # default: the run's, else auto
     dtype: str | None = None  # default: the run's, else auto

@@ -32,8 +32,8 @@ def predict_probs(method: Method, model, tokenizer, framing: str, questions: lis
     """The predictive of `method` on `questions`: mean probabilities over S posterior draws, and their MI.
 
     Every process gets the full result; each question is scored once, by one process. A sampling method scores
-    `sample_batch` draws per forward (AUTO: as many as fit, 1: one at a time; methods/batched.py), with the same
-    result either way.
+    `sample_batch` draws per forward (AUTO: CUDA as many as fit, CPU one; N: up to N; methods/batched.py), with
+    the same result either way.
     """
     from accelerate.utils import gather_object
 

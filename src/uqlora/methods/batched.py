@@ -19,10 +19,12 @@ So the batched predictive equals the sequential loop's up to float rounding, wha
 depend on the batch order either: the generators start afresh for every batch of questions.
 
 How many draws share one forward (`sample_batching`, `uqlora evaluate --sample-batch N`): N = 1 is the sequential
-loop (also what `Method.predict` does outside `predict_probs`); N > 1 chunks of N draws; 0 (auto, predict_probs'
-default): on CUDA all S at once, halved on `torch.cuda.OutOfMemoryError` (and remembered for the rest of the
-call); on the CPU as many as an estimate of their activation memory (`draw_bytes`) allows in RAM_FRACTION of the
-available RAM, since there an allocation that does not fit ends the process rather than raising.
+loop (also what `Method.predict` does outside `predict_probs`); N > 1 chunks of N draws, on the CPU no more than
+an estimate of their activation memory (`draw_bytes`) allows in RAM_FRACTION of the available RAM (there an
+allocation that does not fit ends the process rather than raising); 0 (auto, predict_probs' default): on CUDA
+all S at once, halved on `torch.cuda.OutOfMemoryError` (and remembered for the rest of the call); on the CPU one
+draw per forward, since batching saves no arithmetic and measured slower there (BENCHMARKS.md: 0.84x with two
+threads, 0.73x with one, SmolLM2-135M on an idle 2-core machine).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ..errors import UqloraError
 from ..framing import forward_row_owners, letter_prompt
 
 SEQUENTIAL = 1  # draws per forward of the sequential loop
-AUTO = 0  # sample batch size chosen from the memory
+AUTO = 0  # sample batch size chosen for the device: CUDA as many as fit, CPU one
 
 
 @dataclass
@@ -60,8 +62,9 @@ _SETTING: contextvars.ContextVar[SampleBatching] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def sample_batching(size: int, tokenizer=None) -> Iterator[None]:
-    """Within the block, sampling methods evaluate `size` draws per forward (AUTO: chosen from the memory, whose
-    estimate counts tokens with `tokenizer` if given, else bounds them by bytes)."""
+    """Within the block, sampling methods evaluate `size` draws per forward (AUTO: CUDA as many as fit, CPU one;
+    on the CPU a larger `size` is capped by the memory estimate, which counts tokens with `tokenizer` if given,
+    else bounds them by bytes)."""
     if size < 0:
         raise UqloraError(f"--sample-batch must be >= 0 (0: automatic, 1: one draw per forward), got {size}")
     token = _SETTING.set(SampleBatching(size, tokenizer))
@@ -255,12 +258,12 @@ def predict_draws(n_draws: int, score: Callable[[range], torch.Tensor], model, q
     """[n_draws, B, C]: score(draws) gives [len(draws), B, C] for a range of draws evaluated in one forward; the
     draws are split into chunks of the current sample batch size (auto: from the memory)."""
     setting = _SETTING.get()
-    device = next(model.parameters()).device
-    if setting.size != AUTO:
-        return torch.cat([score(range(i, min(i + setting.size, n_draws))) for i in range(0, n_draws, setting.size)])
-    if device.type == "cuda":
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if setting.size == AUTO and on_cuda:
         return _halving_on_oom(n_draws, score, setting)
-    size = cpu_draw_limit(model, questions, setting.tokenizer)
+    size = SEQUENTIAL if setting.size == AUTO else setting.size
+    if size > SEQUENTIAL and not on_cuda:
+        size = min(size, cpu_draw_limit(model, questions, setting.tokenizer))
     return torch.cat([score(range(i, min(i + size, n_draws))) for i in range(0, n_draws, size)])
 
 
