@@ -11,10 +11,13 @@ the key or the folder.
 from __future__ import annotations
 
 import csv
+import os
 import dataclasses
 import json
 import shutil
 import statistics
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ import uqlora.train
 from conftest import REPO, write_jsonl_task
 from uqlora.benchmark import load_benchmark, run_benchmark
 from uqlora.benchmark.plan import expected_config, plan, run_dir, subset
-from uqlora.benchmark.runner import run_in_process, run_subprocess
+from uqlora.benchmark.runner import log_name, run_in_process, run_subprocess
 from uqlora.benchmark.state import REDO, RESUME, cell_state
 from uqlora.cli import main
 from uqlora.errors import UqloraError
@@ -312,12 +315,48 @@ def test_failed_cell_stops_the_sweep(tmp_path, tiny_model_dir):
     """A cell whose command fails: the sweep stops with one error naming the cell and how to continue."""
     bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
 
-    def fail(argv, log):
+    def fail(argv, log, threads):
         raise UqloraError("the data is gone")
 
     with pytest.raises(UqloraError, match=r"^train map jsonl:.* seed 0 failed: the data is gone\. The finished "
                                           r"cells are kept; `uqlora benchmark .*` continues from there$"):
         run_benchmark(bench, execute=fail, echo=lambda line: None)
+
+
+def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatch):
+    """--jobs 2: every cell runs once, never more than two at a time (and two do run together), each only after
+    the cells making the runs it reads (evaluate: its run; posthoc: the base; combine: the members) have ended;
+    each cell gets OMP_NUM_THREADS = cores // 2."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    cells = plan(bench)
+    by_log = {bench.out / "logs" / log_name(c): c for c in cells}
+    lock, active, events, threads = threading.Lock(), set(), [], set()
+
+    def fake(argv, log, n_threads):
+        cell = by_log[log]
+        with lock:
+            active.add(cell.key)
+            events.append(("start", cell.key, len(active)))
+            threads.add(n_threads)
+        time.sleep(0.02 if cell.step == "evaluate" else 0.05)
+        with lock:
+            active.remove(cell.key)
+            events.append(("end", cell.key, len(active)))
+
+    with pytest.raises(UqloraError, match="nothing to report"):  # the fake cells wrote no evaluation
+        run_benchmark(bench, execute=fake, echo=lambda line: None, jobs=2)
+    starts = {key: i for i, (kind, key, _) in enumerate(events) if kind == "start"}
+    ends = {key: i for i, (kind, key, _) in enumerate(events) if kind == "end"}
+    assert len(starts) == len(cells) == len(events) / 2
+    assert max(n for kind, _, n in events if kind == "start") == 2
+    makers = {c.run: c.key for c in cells if c.step != "evaluate"}
+    needs = [(c.key, makers[p]) for c in cells for p in c.inputs]
+    assert {c.step for c in cells if c.inputs} == {"evaluate", "posthoc", "combine"}
+    assert all(ends[maker] < starts[key] for key, maker in needs)
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+    with pytest.raises(UqloraError, match="--jobs must be >= 1"):
+        run_benchmark(bench, execute=fake, echo=lambda line: None, jobs=0)
 
 
 def test_subprocess_executor_logs_and_reports_errors(tmp_path):

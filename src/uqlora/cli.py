@@ -148,6 +148,8 @@ def _benchmark_parser(sub) -> None:
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="run only the cells trained or evaluated on these "
                    "tasks (a shift evaluation needs its train task and its eval task)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds of the grid")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at a time, each once the runs it reads are made, "
+                   "with OMP_NUM_THREADS = CPU cores // jobs unless set (default 1)")
 
 
 def _demo_parser(sub) -> None:
@@ -289,7 +291,7 @@ def cmd_benchmark(args) -> None:
     part = None
     if args.methods or args.tasks or args.seeds:
         part = subset(bench, args.methods, args.tasks, args.seeds)
-    run_benchmark(bench, dry_run=args.dry_run, report_only=args.report_only, part=part)
+    run_benchmark(bench, dry_run=args.dry_run, report_only=args.report_only, part=part, jobs=args.jobs)
 
 
 def cmd_demo(args) -> None:

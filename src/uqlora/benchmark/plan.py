@@ -40,6 +40,7 @@ class Cell:
     eval_task: str | None = None  # evaluate: the task evaluated on
     result: Path | None = None  # evaluate: the eval folder `uqlora evaluate` writes
     note: str = ""  # why a run exists beyond the grid's seeds
+    inputs: tuple[Path, ...] = ()  # the runs it reads (posthoc: the base; combine: the members; evaluate: the run)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -263,13 +264,14 @@ def _make(bench: Benchmark, name: str, task: str, seed: int, cells: dict, member
         config = expected_config(bench, name, task, seed)
         argv = ("posthoc", str(base), "--method", spec.method, "--out", str(run),
                 *_flags({k: config[k] for k in spec.options}), "--quiet")
-        _add(cells, Cell("posthoc", name, task, seed, run, argv))
+        _add(cells, Cell("posthoc", name, task, seed, run, argv, inputs=(base,)))
         return
     bases = []
     for m in range(spec.members):  # combine
         _make(bench, spec.base, task, seed + m, cells, members)
-        bases.append(str(run_dir(bench, spec.base, task, seed + m)))
-    _add(cells, Cell("combine", name, task, seed, run, ("combine", *bases, "--out", str(run))))
+        bases.append(run_dir(bench, spec.base, task, seed + m))
+    _add(cells, Cell("combine", name, task, seed, run, ("combine", *map(str, bases), "--out", str(run)),
+                     inputs=tuple(bases)))
 
 
 def _member_notes(bench: Benchmark) -> dict[tuple[str, int], str]:
@@ -294,7 +296,8 @@ def _evaluate(bench: Benchmark, name: str, task: str, seed: int, eval_task: str)
         if value is not None:
             argv += [flag, str(value)]
     result = result_dir(run, expected_config(bench, name, task, seed), opts)
-    return Cell("evaluate", name, task, seed, run, (*argv, "--quiet"), eval_task=eval_task, result=result)
+    return Cell("evaluate", name, task, seed, run, (*argv, "--quiet"), eval_task=eval_task, result=result,
+                inputs=(run,))
 
 
 def _flags(options: dict) -> list[str]:

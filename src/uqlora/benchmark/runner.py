@@ -1,19 +1,24 @@
-"""Run the cells of a benchmark that are not done, one after another, then write the report.
+"""Run the cells of a benchmark that are not done, then write the report.
 
 Each cell is an ordinary `uqlora` command. By default it runs in its own Python process (`run_subprocess`): the
 wall times and peak memory it records are its own, and its output goes to OUT/logs/CELL.log. `run_in_process`
 runs it in this process instead (the tests: no interpreter start per cell; peak RSS is then the process's so far).
-A failing cell stops the sweep with its error and leaves the finished cells in place; running the benchmark again
-skips them, resumes an interrupted training, and redoes an interrupted post-hoc fit (state.py).
+`jobs` cells run at a time (default 1), each as soon as the runs it reads are made (Cell.inputs), with
+OMP_NUM_THREADS = CPU cores // jobs unless it is set: on the 2-core machines two one-thread jobs do more work than
+one two-thread job (BENCHMARKS.md). A failing cell stops the sweep with its error once the running cells are
+finished, and leaves the finished cells in place; running the benchmark again skips them, resumes an interrupted
+training, and redoes an interrupted post-hoc fit (state.py).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
@@ -23,25 +28,28 @@ from .plan import Cell, plan
 from .report import write_report
 from .state import DONE, REDO, RESUME, RUN, cell_state
 
-Executor = Callable[[list[str], Path], None]  # (uqlora arguments, log file) -> None; UqloraError on failure
+# (uqlora arguments, log file, threads: OMP_NUM_THREADS for the cell or None) -> None; UqloraError on failure
+Executor = Callable[[list[str], Path, "int | None"], None]
 ACTION = {RUN: "running", RESUME: "resuming the interrupted training",
           REDO: "removed the unfinished folder, running again"}
 
 
-def run_subprocess(argv: list[str], log: Path) -> None:
-    """`python -m uqlora.cli ARGV` in its own process, stdout and stderr to `log`."""
+def run_subprocess(argv: list[str], log: Path, threads: int | None = None) -> None:
+    """`python -m uqlora.cli ARGV` in its own process (with OMP_NUM_THREADS=threads if given), stdout and stderr to
+    `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w", encoding="utf-8") as out:
         out.write(f"$ uqlora {shlex.join(argv)}\n")
         out.flush()
         code = subprocess.run([sys.executable, "-m", "uqlora.cli", *argv], stdout=out, stderr=subprocess.STDOUT,
-                              check=False).returncode
+                              env=env, check=False).returncode
     if code != 0:
         raise UqloraError(f"`uqlora {argv[0]}` exited with status {code}: {_last_error(log)} (output: {log})")
 
 
-def run_in_process(argv: list[str], log: Path) -> None:
-    """The cell's command in this process (exceptions propagate; nothing is logged)."""
+def run_in_process(argv: list[str], log: Path, threads: int | None = None) -> None:
+    """The cell's command in this process (exceptions propagate; nothing is logged; `threads` is not applied)."""
     from ..cli import COMMANDS, build_parser
 
     args = build_parser().parse_args(argv)
@@ -56,9 +64,12 @@ def _last_error(log: Path) -> str:
 
 def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool = False,
                   execute: Executor = run_subprocess, echo: Callable[[str], None] = print,
-                  part: Benchmark | None = None) -> Path | None:
-    """Run what is not done (or only list it: dry_run; or only report: report_only); returns the report folder.
-    `part` (plan.subset of bench): run and list only its cells; the report is still of the whole grid."""
+                  part: Benchmark | None = None, jobs: int = 1) -> Path | None:
+    """Run what is not done, `jobs` cells at a time (or only list it: dry_run; or only report: report_only);
+    returns the report folder. `part` (plan.subset of bench): run and list only its cells; the report is still
+    of the whole grid."""
+    if jobs < 1:
+        raise UqloraError(f"--jobs must be >= 1, got {jobs}")
     cells = plan(part or bench)
     states = [cell_state(bench, cell) for cell in cells]  # refuses mismatched runs before anything runs
     if dry_run:
@@ -66,15 +77,58 @@ def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool 
         return None
     if not report_only:
         todo = [(cell, state) for cell, state in zip(cells, states) if state != DONE]
-        echo(f"{bench.path}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
-        for i, (cell, state) in enumerate(todo, 1):
-            _run_cell(bench, cell, state, execute, f"[{i}/{len(todo)}]", echo)
+        at_a_time = f", {jobs} at a time" if jobs > 1 else ""
+        echo(f"{bench.path}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run{at_a_time}")
+        _run_cells(bench, todo, execute, echo, jobs)
     report = write_report(bench)
     echo(f"report: {report / 'report.md'}")
     return report
 
 
-def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, prefix: str, echo) -> None:
+def cell_threads(jobs: int) -> int | None:
+    """OMP_NUM_THREADS of each cell: the cores shared out between the jobs; None (torch's default) for one job or
+    when the user has set it."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _run_cells(bench: Benchmark, todo: list[tuple[Cell, str]], execute: Executor, echo, jobs: int) -> None:
+    """The cells in plan order, up to `jobs` at once, each once the unfinished runs it reads are made."""
+    makers = {cell.run: cell.key for cell, _ in todo if cell.step != "evaluate"}  # runs still to be made
+    finished: set[tuple[str, str]] = set()
+    pending = list(enumerate(todo, 1))
+    running: dict = {}  # future -> cell
+    failure: BaseException | None = None
+    threads = cell_threads(jobs)
+
+    def ready(cell: Cell) -> bool:
+        return all(makers.get(path, None) in (None, *finished) for path in cell.inputs)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            if failure is None:
+                for item in [it for it in pending if ready(it[1][0])][:jobs - len(running)]:
+                    pending.remove(item)
+                    i, (cell, state) = item
+                    future = pool.submit(_run_cell, bench, cell, state, execute, threads, f"[{i}/{len(todo)}]", echo)
+                    running[future] = cell
+            if not running:
+                break  # after a failure: nothing more starts
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)
+                try:
+                    future.result()
+                    finished.add(cell.key)
+                except (UqloraError, KeyboardInterrupt) as err:  # the running cells finish; nothing else starts
+                    failure = failure or err
+    if failure is not None:
+        raise failure
+
+
+def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, threads: int | None, prefix: str,
+              echo) -> None:
     argv = list(cell.argv)
     if state == RESUME:
         argv = ["train", "--out", str(cell.run), "--resume", "--quiet"]
@@ -83,7 +137,7 @@ def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, prefi
     echo(f"{prefix} {cell.label}: {ACTION[state]}")
     start = time.perf_counter()
     try:
-        execute(argv, bench.out / "logs" / log_name(cell))
+        execute(argv, bench.out / "logs" / log_name(cell), threads)
     except UqloraError as err:
         raise UqloraError(f"{cell.label} failed: {err}. The finished cells are kept; `uqlora benchmark "
                           f"{bench.path}` continues from there") from None
