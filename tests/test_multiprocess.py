@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import write_jsonl_task
 from uqlora.posthoc.kfac import Factor
+from uqlora.posthoc.logit_store import FILE as LOGIT_FILE
 
 PORTS = itertools.count(29517)  # a fresh rendezvous port per launch: a slow exit cannot clash with the next one
 
@@ -139,6 +140,17 @@ def test_laplace_two_processes_equal_one(map_run, tmp_path):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
     assert_same_full_factors(factors(tmp_path / "l1"), factors(tmp_path / "l2"), rtol=1e-5)
     torch.testing.assert_close(probs(tmp_path / "l2"), probs(tmp_path / "l1"), atol=1e-5, rtol=0)
+    # the logit Gaussians both processes kept, gathered in question order; --link mc under 2 processes reads them
+    kept = [load_file(tmp_path / f"l{n}" / "eval" / "jsonl-arith" / LOGIT_FILE) for n in (1, 2)]
+    torch.testing.assert_close(kept[1]["mean"], kept[0]["mean"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(kept[1]["cov"], kept[0]["cov"], atol=1e-5, rtol=1e-4)
+    for n in (1, 2):
+        uqlora("evaluate", tmp_path / f"l{n}", "--task", task, "--link", "mc", "--samples", "3", "--quiet",
+               processes=n)
+    mc = json.loads((tmp_path / "l2" / "eval" / "jsonl-arith@laplace-mc" / "metrics.json").read_text())
+    assert mc["reused_logit_gaussians"] == 22
+    torch.testing.assert_close(probs(tmp_path / "l2", "jsonl-arith@laplace-mc"),
+                               probs(tmp_path / "l1", "jsonl-arith@laplace-mc"), atol=1e-4, rtol=0)
 
     uqlora("train", *args, "--method", "laplace", "--out", tmp_path / "t2", processes=2)
     trained = fit_summary(tmp_path / "t2")

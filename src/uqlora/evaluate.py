@@ -19,7 +19,10 @@ from .evaluation.reliability import plot_reliability
 from .io import write_json, write_jsonl, write_text
 from .memory import peak_memory, reset_peak_memory
 from .methods import Adapter, Method, get_method
+from .methods.laplace import LINKS, LaplaceMethod
 from .models import default_framing, load_adapter, load_model
+from .posthoc.logit_store import FILE as LOGIT_FILE
+from .posthoc.logit_store import LogitStore, open_store
 from .predict import predict_probs
 
 
@@ -76,6 +79,8 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
                                source=opts.source or config.get("source") or "auto",
                                max_examples=opts.max_examples)
 
+    out = result_dir(run_dir, config, opts)
+    store = _logit_store(method, run_dir, opts, model)
     reset_peak_memory(accelerator.device)
     start = time.perf_counter()
     probs, draws, mutual_info, _ = predict_probs(
@@ -89,8 +94,11 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
     metrics.update(method=method_name, n_samples=draws, mean_entropy=float(entropy.mean()),
                    mean_mutual_information=float(mutual_info.mean()), task=opts.task, split=opts.split,
                    framing=framing, seconds=round(seconds, 2), **peak_memory(accelerator.device))
+    if store is not None:
+        metrics["reused_logit_gaussians"], made = _gathered(store, questions, accelerator)
     if accelerator.is_main_process:
-        out = result_dir(run_dir, config, opts)
+        if store is not None:
+            store.write(out / LOGIT_FILE, made)
         write_jsonl(out / "predictions.jsonl", (
             {"id": q.id, "label": q.label, "probs": probs[i, : len(q.choices)].tolist(),
              "entropy": float(entropy[i]), **({"mutual_information": float(mutual_info[i])} if draws > 1 else {})}
@@ -100,6 +108,29 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
         write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _logit_store(method: Method, run_dir: Path, opts: EvalOptions, model) -> LogitStore | None:
+    """A Laplace predictive's logit Gaussians: read back from this task's evaluation with either link if one was
+    made from the same posterior, and kept for the next (posthoc/logit_store.py); None for other methods."""
+    if not isinstance(method, LaplaceMethod):
+        return None
+    candidates = [runs.eval_dir(run_dir, opts.task, opts.split, alternative) / LOGIT_FILE
+                  for alternative in (None, *(f"{method.name}-{link}" for link in LINKS))]
+    dtype = next(model.parameters()).dtype
+    method.logits = open_store(runs.posterior_file(run_dir, method.posterior_name), dtype, candidates)
+    return method.logits
+
+
+def _gathered(store: LogitStore, questions, accelerator) -> tuple[int, list]:
+    """The number of questions whose Gaussians were read back, and every process's Gaussians in question order."""
+    reused, made = store.reused, list(store.made.items())
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        reused, made = sum(gather_object([reused])), gather_object(made)
+    order = {q.id: i for i, q in enumerate(questions)}
+    return reused, sorted(made, key=lambda item: order[item[0]])
 
 
 def result_dir(run_dir: Path, config: dict, opts: EvalOptions) -> Path:

@@ -4,7 +4,8 @@ Models"): a post-hoc Laplace approximation N(θ_MAP, (H + λI)^{-1}) over the Lo
 
 Predictive (their eq. 7-8; Immer et al. 2021): the linearised model f(θ) ≈ f(θ_MAP) + J (θ - θ_MAP) gives
 Gaussian logits N(f(θ_MAP), J (H + λI)^{-1} J^T) per question, [C] and [C, C], from one forward and C backward
-passes; then `probit` (softmax(μ / sqrt(1 + π/8 diag Σ)), deterministic) or `mc` (S draws of the logits).
+passes; then `probit` (the mean-field probit of posthoc/glm.py, deterministic) or `mc` (S draws of the logits,
+seeded by the question alone). `evaluate` keeps the Gaussians, so the other link reuses them (posthoc/logit_store.py).
 Training is MAP's; `laplace-ll` is the same over the LoRA linears of the last transformer block only.
 """
 
@@ -57,6 +58,7 @@ class LaplaceMethod(Method):
     last_layer = False
     posthoc = True  # `uqlora posthoc` fits it on a run; `uqlora train --method laplace` trains MAP, then fits
     mc_default_samples = 10
+    logits = None  # a LogitStore when evaluate keeps the Gaussians for the other link (posthoc/logit_store.py)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -84,17 +86,35 @@ class LaplaceMethod(Method):
             m.weight.requires_grad_(True)  # for the Jacobians; the weights themselves never change
 
     def predict(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
+        gaussians = self.logits.lookup(questions) if self.logits is not None else None
+        if gaussians is None:
+            gaussians = self.logit_gaussians(score_fn, questions)
+        if self.logits is not None:
+            self.logits.record(questions, gaussians)
+        width = max(len(q.choices) for q in questions)
+        dtype = gaussians[0][0].dtype  # the scores' (the model's); the covariance is fp32
+        if self.link == "probit":
+            mean = torch.full((len(questions), width), float("-inf"), dtype=dtype)  # [B, C]; -inf: absent
+            cov = torch.zeros(len(questions), width, width)  # [B, C, C]
+            for b, (m, s) in enumerate(gaussians):
+                mean[b, : m.shape[0]], cov[b, : m.shape[0], : m.shape[0]] = m, s
+            return probit_probs(mean, cov)[None]  # [1, B, C]
+        probs = torch.zeros(n_samples, len(questions), width, dtype=dtype)  # [S, B, C]
+        for b, (q, (m, s)) in enumerate(zip(questions, gaussians)):
+            # the draws depend on the question alone (its id and its own choices), not on its batch or process
+            key = zlib.crc32(q.id.encode())
+            probs[:, b, : m.shape[0]] = sample_logit_probs(
+                m[None], s[None], [draw_generator(self.seed, key, i) for i in range(n_samples)])[:, 0]
+        return probs
+
+    def logit_gaussians(self, score_fn: ScoreFn, questions) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each question's GLM logits N(mean [C], cov [C, C]) over its own C choices, from one forward of the
+        batch and C backward passes."""
         scores, jacobians = batch_logit_jacobians(score_fn, questions, self.linears)  # [B, C], [B, C, out, in]
         mean = scores.cpu()  # [B, C]; -inf for absent choices
         cov = logit_covariance(self.blocks, list(jacobians.values()), self.prior_precision).cpu()  # [B, C, C]
-        if self.link == "probit":
-            return probit_probs(mean, cov)[None]  # [1, B, C]
-        draws = []
-        for b, q in enumerate(questions):  # draws depend on the question, not on its batch or process
-            key = zlib.crc32(q.id.encode())
-            draws.append(sample_logit_probs(mean[b:b + 1], cov[b:b + 1],
-                                            [draw_generator(self.seed, key, s) for s in range(n_samples)]))
-        return torch.cat(draws, dim=1)  # [S, B, C]
+        return [(mean[b, : len(q.choices)].clone(), cov[b, : len(q.choices), : len(q.choices)].clone())
+                for b, q in enumerate(questions)]
 
 
 class LastLayerLaplaceMethod(LaplaceMethod):
