@@ -325,10 +325,12 @@ def test_failed_cell_stops_the_sweep(tmp_path, tiny_model_dir):
 
 def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatch):
     """--jobs 2: every cell runs once, never more than two at a time (and two do run together), each only after
-    the cells making the runs it reads (evaluate: its run; posthoc: the base; combine: the members) have ended;
-    each cell gets OMP_NUM_THREADS = cores // 2."""
+    the cells making what it reads (evaluate: its run; posthoc: the base; combine: the members; another Laplace
+    link: the run's own evaluation, for its logit Gaussians) have ended; each cell gets OMP_NUM_THREADS = cores // 2."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    methods = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["methods"]
+    methods.update({"laplace": {"posthoc": "map"}, "laplace-mc": {"reuse": "laplace", "link": "mc", "samples": 2}})
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir, methods=methods))
     cells = plan(bench)
     by_log = {bench.out / "logs" / log_name(c): c for c in cells}
     lock, active, events, threads = threading.Lock(), set(), [], set()
@@ -350,9 +352,11 @@ def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatc
     ends = {key: i for i, (kind, key, _) in enumerate(events) if kind == "end"}
     assert len(starts) == len(cells) == len(events) / 2
     assert max(n for kind, _, n in events if kind == "start") == 2
-    makers = {c.run: c.key for c in cells if c.step != "evaluate"}
+    makers = {c.result if c.step == "evaluate" else c.run: c.key for c in cells}
     needs = [(c.key, makers[p]) for c in cells for p in c.inputs]
     assert {c.step for c in cells if c.inputs} == {"evaluate", "posthoc", "combine"}
+    after_probit = [(key, maker) for key, maker in needs if maker[0] == "evaluate"]
+    assert after_probit and all("laplace-mc" in key[1] and "laplace-seed" in maker[1] for key, maker in after_probit)
     assert all(ends[maker] < starts[key] for key, maker in needs)
     assert threads == {max(1, (os.cpu_count() or 1) // 2)}
     with pytest.raises(UqloraError, match="--jobs must be >= 1"):

@@ -40,7 +40,9 @@ class Cell:
     eval_task: str | None = None  # evaluate: the task evaluated on
     result: Path | None = None  # evaluate: the eval folder `uqlora evaluate` writes
     note: str = ""  # why a run exists beyond the grid's seeds
-    inputs: tuple[Path, ...] = ()  # the runs it reads (posthoc: the base; combine: the members; evaluate: the run)
+    # the runs it reads (posthoc: the base; combine: the members; evaluate: the run, and for another Laplace link
+    # the run's own evaluation, whose logit Gaussians it reuses)
+    inputs: tuple[Path, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -296,8 +298,12 @@ def _evaluate(bench: Benchmark, name: str, task: str, seed: int, eval_task: str)
         if value is not None:
             argv += [flag, str(value)]
     result = result_dir(run, expected_config(bench, name, task, seed), opts)
+    inputs: tuple[Path, ...] = (run,)
+    if spec.kind == "reuse" and spec.link is not None:  # after the run's own evaluation: it reads its logit Gaussians
+        own = eval_options(bench, bench.methods[spec.base], eval_task)
+        inputs += (result_dir(run, expected_config(bench, spec.base, task, seed), own),)
     return Cell("evaluate", name, task, seed, run, (*argv, "--quiet"), eval_task=eval_task, result=result,
-                inputs=(run,))
+                inputs=inputs)
 
 
 def _flags(options: dict) -> list[str]:

@@ -95,7 +95,8 @@ def cell_threads(jobs: int) -> int | None:
 
 def _run_cells(bench: Benchmark, todo: list[tuple[Cell, str]], execute: Executor, echo, jobs: int) -> None:
     """The cells in plan order, up to `jobs` at once, each once the unfinished runs it reads are made."""
-    makers = {cell.run: cell.key for cell, _ in todo if cell.step != "evaluate"}  # runs still to be made
+    # the runs and eval folders still to be made -> the cell that makes them
+    makers = {cell.result if cell.step == "evaluate" else cell.run: cell.key for cell, _ in todo}
     finished: set[tuple[str, str]] = set()
     pending = list(enumerate(todo, 1))
     running: dict = {}  # future -> cell
