@@ -371,3 +371,13 @@ def test_subprocess_executor_logs_and_reports_errors(tmp_path):
     with pytest.raises(UqloraError, match=r"`uqlora combine` exited with status 2: error: combine needs at least "
                                           r"two runs \(output: .*cell.log\)"):
         run_subprocess(["combine", str(tmp_path / "x"), "--out", str(tmp_path / "y")], log)
+
+
+def test_predict_cost_counts_reused_logit_gaussians():
+    """A Laplace link that read the other link's logit Gaussians back costs, per question, its own loop plus what
+    the Gaussians had cost; other evaluations their loop alone."""
+    from uqlora.benchmark.collect import predict_cost
+
+    assert predict_cost({"seconds": 5.0, "n": 10}).seconds == 0.5
+    reused = {"seconds": 1.0, "n": 10, "reused_logit_gaussians": 10, "reused_logit_gaussian_seconds": 39.0}
+    assert predict_cost(reused).seconds == 4.0

@@ -85,6 +85,8 @@ def test_mc_after_probit_reads_the_gaussians(laplace_run, mixed_task, tmp_path, 
         patch.setattr(uqlora.methods.laplace, "batch_logit_jacobians", no_jacobians_error)
         mc = evaluate(run, opts(mixed_task, link="mc", samples=6, seed=4, batch_size=3))
     assert mc["reused_logit_gaussians"] == 20 and mc["n_samples"] == 6
+    # what the reused Gaussians had cost is recorded (the cost table counts it as if they had been computed)
+    assert mc["reused_logit_gaussian_seconds"] == pytest.approx(probit["seconds"], abs=0.02)
     assert torch.equal(probs_of(run, f"{EVAL}@laplace-mc"), probs_of(reference, f"{EVAL}@laplace-mc"))
 
     with monkeypatch.context() as patch:  # the reverse: probit from the mc evaluation's file

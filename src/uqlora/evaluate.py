@@ -95,10 +95,11 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
                    mean_mutual_information=float(mutual_info.mean()), task=opts.task, split=opts.split,
                    framing=framing, seconds=round(seconds, 2), **peak_memory(accelerator.device))
     if store is not None:
-        metrics["reused_logit_gaussians"], made = _gathered(store, questions, accelerator)
+        reused, reused_seconds, made = _gathered(store, questions, accelerator)
+        metrics.update(reused_logit_gaussians=reused, reused_logit_gaussian_seconds=round(reused_seconds, 2))
     if accelerator.is_main_process:
         if store is not None:
-            store.write(out / LOGIT_FILE, made)
+            store.write(out / LOGIT_FILE, made, seconds + reused_seconds)
         write_jsonl(out / "predictions.jsonl", (
             {"id": q.id, "label": q.label, "probs": probs[i, : len(q.choices)].tolist(),
              "entropy": float(entropy[i]), **({"mutual_information": float(mutual_info[i])} if draws > 1 else {})}
@@ -122,15 +123,16 @@ def _logit_store(method: Method, run_dir: Path, opts: EvalOptions, model) -> Log
     return method.logits
 
 
-def _gathered(store: LogitStore, questions, accelerator) -> tuple[int, list]:
-    """The number of questions whose Gaussians were read back, and every process's Gaussians in question order."""
-    reused, made = store.reused, list(store.made.items())
+def _gathered(store: LogitStore, questions, accelerator) -> tuple[int, float, list]:
+    """Over all processes: the number of questions whose Gaussians were read back, what computing those had cost,
+    and every Gaussian in question order."""
+    reused, seconds, made = store.reused, store.reused_seconds, list(store.made.items())
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        reused, made = sum(gather_object([reused])), gather_object(made)
+        reused, seconds, made = sum(gather_object([reused])), sum(gather_object([seconds])), gather_object(made)
     order = {q.id: i for i, q in enumerate(questions)}
-    return reused, sorted(made, key=lambda item: order[item[0]])
+    return reused, seconds, sorted(made, key=lambda item: order[item[0]])
 
 
 def result_dir(run_dir: Path, config: dict, opts: EvalOptions) -> Path:

@@ -44,6 +44,7 @@ class LogitStore:
         self.known: dict[str, Gaussian] = {}
         self.made: dict[str, Gaussian] = {}
         self.reused = 0  # questions whose Gaussians came from `known`
+        self.known_seconds = 0.0  # what one of the `known` Gaussians cost the evaluation that computed it
 
     def lookup(self, questions: list[Question]) -> list[Gaussian] | None:
         """Every question's saved Gaussian, or None if one of them is missing or has another number of choices."""
@@ -64,6 +65,7 @@ class LogitStore:
                 if any(meta.get(k) != v for k, v in self.key.items()):
                     return False
                 ids, counts = json.loads(meta["question_ids"]), json.loads(meta["choices"])
+                self.known_seconds = float(meta["seconds_per_question"])
                 mean, cov = f.get_tensor("mean"), f.get_tensor("cov")  # [N, C_max], [N, C_max, C_max]
         except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise UqloraError(f"corrupt logit Gaussians {path}: {err}; delete the file to recompute them") from None
@@ -73,15 +75,22 @@ class LogitStore:
         self.known.update((qid, (mean[i, :c], cov[i, :c, :c])) for i, (qid, c) in enumerate(zip(ids, counts)))
         return True
 
-    def write(self, path: Path, entries: list[tuple[str, Gaussian]]) -> None:
-        """Save `entries` (every process's `made`, gathered) beside the predictions."""
+    @property
+    def reused_seconds(self) -> float:
+        """What the reused Gaussians cost when they were computed (the cost table counts it: benchmark/collect.py)."""
+        return self.reused * self.known_seconds
+
+    def write(self, path: Path, entries: list[tuple[str, Gaussian]], seconds: float) -> None:
+        """Save `entries` (every process's `made`, gathered) beside the predictions; `seconds` is what they cost,
+        the reused ones counted at their original cost."""
         width = max(g[0].shape[0] for _, g in entries)
         mean = torch.full((len(entries), width), float("-inf"), dtype=entries[0][1][0].dtype)  # [N, C_max]
         cov = torch.zeros(len(entries), width, width, dtype=entries[0][1][1].dtype)  # [N, C_max, C_max]
         for i, (_, (m, s)) in enumerate(entries):
             mean[i, : m.shape[0]], cov[i, : m.shape[0], : m.shape[0]] = m, s
         meta = {**self.key, "question_ids": json.dumps([qid for qid, _ in entries]),
-                "choices": json.dumps([g[0].shape[0] for _, g in entries])}
+                "choices": json.dumps([g[0].shape[0] for _, g in entries]),
+                "seconds_per_question": repr(seconds / len(entries))}
         with atomic_path(path) as tmp:
             save_file({"mean": mean, "cov": cov}, str(tmp), metadata=meta)
 
