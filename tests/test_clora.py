@@ -159,7 +159,7 @@ def test_zero_variance_is_plain_lora_at_the_mean(tiny_model_dir, context):
     mean, _ = by_hand_distribution(method.factors[name], z)
     lora = (mean @ z.double().unsqueeze(-1)).squeeze(-1) @ layer.lora_B["default"].weight.double().T  # [2, 5, d]
     expected = layer.base_layer(x).double() + layer.scaling["default"] * lora
-    torch.testing.assert_close(layer(x).double(), expected, atol=1e-6, rtol=1e-6)  # float32 vs a float64 oracle
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)  # float32 (~2e-6) vs float64
     if context == "off":
         with torch.no_grad():
             for n, m in plain.named_modules():

@@ -20,6 +20,7 @@ import torch
 from .config import DEFAULT_MAX_LENGTH
 from .data.question import Question
 from .errors import UqloraError
+from .head import causal_lm, next_token_logits
 
 FRAMINGS = ("letter", "cloze")
 LETTERS = string.ascii_uppercase
@@ -80,8 +81,7 @@ def _model_device(model) -> torch.device:
 
 def _cache_kwarg(model) -> str:
     """transformers >= 5.2x names the KV-cache argument `cache`; earlier versions `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
 
 
 def letter_scores(model, tokenizer, questions: list[Question], max_length: int = DEFAULT_MAX_LENGTH) -> torch.Tensor:
@@ -90,8 +90,7 @@ def letter_scores(model, tokenizer, questions: list[Question], max_length: int =
     letter_ids = torch.tensor(letter_token_ids(tokenizer, n_max))
     ids, mask = _encode_left_padded(tokenizer, [letter_prompt(q) for q in questions], max_length,
                                     _model_device(model))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=1)
-    logits = out.logits[:, -1, :].float()  # [B, V]
+    logits = next_token_logits(model, dict(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)))  # [B, V]
     scores = logits[:, letter_ids.to(logits.device)]  # [B, C_max]
     return _mask_absent(scores, questions)
 
@@ -146,22 +145,23 @@ def cloze_scores(model, tokenizer, questions: list[Question], max_length: int = 
 
     cache = DynamicCache(config=getattr(model, "config", None))
     cache_arg = {_cache_kwarg(model): cache}
-    q_out = model(input_ids=q_ids, attention_mask=q_mask, position_ids=_positions(q_mask),
-                  use_cache=True, logits_to_keep=1, **cache_arg)
-    first_logp = torch.log_softmax(q_out.logits[:, -1, :].float(), dim=-1)  # [B, V]: predicts each choice's 1st token
+    q_logits = next_token_logits(model, dict(input_ids=q_ids, attention_mask=q_mask, position_ids=_positions(q_mask),
+                                             use_cache=True, **cache_arg))  # [B, V]
+    first_logp = torch.log_softmax(q_logits, dim=-1)  # [B, V]: predicts each choice's 1st token
 
     cache.batch_select_indices(cont.owner)  # [K, heads, Lq, d] per layer: a question's cache per continuation
     q_len = q_mask.sum(-1)  # [B] real question tokens
     c_positions = q_len[cont.owner, None] + torch.arange(cont.ids.shape[1], device=device)[None, :]  # [K, Lc]
-    c_out = model(input_ids=cont.ids, attention_mask=torch.cat([q_mask[cont.owner], cont.mask], dim=1),
-                  position_ids=c_positions, use_cache=True, **cache_arg)
-    rest_logp = torch.log_softmax(c_out.logits[:, :-1, :].float(), dim=-1)  # [K, Lc-1, V]: predicts tokens 2..Lc
+    predicts = torch.zeros_like(cont.mask, dtype=torch.bool)  # [K, Lc]: positions whose next token is a real one
+    predicts[:, :-1] = cont.mask[:, 1:].bool()
+    c_logits = next_token_logits(model, dict(input_ids=cont.ids, attention_mask=torch.cat([q_mask[cont.owner],
+                                 cont.mask], dim=1), position_ids=c_positions, use_cache=True, **cache_arg),
+                                 select=predicts)  # [N, V]: N real tokens after a choice's first
+    rest_logp = torch.zeros(cont.ids.shape[0], cont.ids.shape[1] - 1, device=device)  # [K, Lc-1]
+    rest_logp[predicts[:, :-1]] = torch.log_softmax(c_logits, dim=-1).gather(
+        -1, cont.ids[:, 1:][predicts[:, :-1]][:, None]).squeeze(-1)  # tokens 2..Lc of each choice
 
-    token_logp = torch.cat(
-        [first_logp[cont.owner].gather(-1, cont.ids[:, :1]),  # [K, 1]
-         rest_logp.gather(-1, cont.ids[:, 1:, None]).squeeze(-1)],  # [K, Lc-1]
-        dim=1,
-    )  # [K, Lc]
+    token_logp = torch.cat([first_logp[cont.owner].gather(-1, cont.ids[:, :1]), rest_logp], dim=1)  # [K, Lc]
     mean_logp = (token_logp * cont.mask).sum(-1) / cont.mask.sum(-1)  # [K]
 
     scores = torch.full((len(questions), max(len(q.choices) for q in questions)), float("-inf"), device=device)

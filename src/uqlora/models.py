@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UqloraError
+from .head import check_separable_head
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # Models too small to bind answer letters (PROTOCOL.md "Framing"): `cloze` is their default.
 _SMALL_MODEL_MAX_PARAMS = 1_000_000_000
 _CONVERTED_MARKER = "uqlora_converted.json"
+HEAD_CHECK_TEXT = "Question: Which is heavier?\nAnswer:"
 
 
 def cache_root() -> Path:
@@ -167,6 +169,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _attention(device: torch.device, dtype: torch.dtype) -> dict:
+    """`eager` attention for half precision on the CPU: PyTorch's fused CPU attention backward is about four times
+    slower in bf16 than in fp32 (SmolLM2 LoRA step: 1.3 s of 3.9 s), while the eager matmuls use the CPU's bf16
+    units and its softmax runs in fp32. Elsewhere the model's default (sdpa)."""
+    return {"attn_implementation": "eager"} if device.type == "cpu" and dtype != torch.float32 else {}
+
+
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", quiet: bool = False):
     """Load (model, tokenizer) for a `--model` string; the model is in eval mode on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,13 +190,15 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", quiet: b
     torch_dtype = pick_dtype(dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
+                                                     **_attention(torch_device, torch_dtype))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UqloraError(f"could not load model {spec!r} from {location}: {first_line}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(torch_device).eval()
+    check_separable_head(model, tokenizer.encode(HEAD_CHECK_TEXT))  # the framings' logits where needed (head.py)
     return model, tokenizer
 
 

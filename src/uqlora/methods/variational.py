@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UqloraError
+from ..head import causal_lm
 
 
 class TokenMask:
@@ -27,9 +28,12 @@ class TokenMask:
         self.handle = None
 
     def attach(self, model) -> None:
+        """Hook the decoder, which every forward runs (the framings may call it without the model: head.py)."""
         def pre_hook(_module, args, kwargs):
             self.mask = kwargs.get("attention_mask")
-        self.handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        lm = causal_lm(model)
+        decoder = getattr(lm, "base_model", lm)
+        self.handle = decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def detach(self) -> None:
         if self.handle is not None:

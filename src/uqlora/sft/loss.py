@@ -17,20 +17,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import UqloraError
+from ..head import apply_head, causal_lm, model_softcap
 from ..losses import linear_cross_entropy
 from .encode import IGNORE
 
 
-def causal_lm(model):
-    """The *ForCausalLM model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def head_softcap(model, softcap: float | None) -> float | None:
     """The logit softcap: the configured one, else the model's own `final_logit_softcapping` (Gemma 2), else None."""
-    if softcap is not None:
-        return softcap
-    return getattr(causal_lm(model).config, "final_logit_softcapping", None) or None
+    return softcap if softcap is not None else model_softcap(model)
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], *, label_smoothing: float = 0.0, temperature: float = 1.0,
@@ -60,10 +54,7 @@ def check_head(model, batch: dict[str, torch.Tensor], softcap: float | None, n_t
     ids = batch["input_ids"][:1, :n_tokens]
     own = lm(input_ids=ids, use_cache=False).logits[0].float()  # [n, V]
     head = lm.get_output_embeddings()
-    z = torch.nn.functional.linear(lm.base_model(input_ids=ids, use_cache=False).last_hidden_state[0],
-                                   head.weight, head.bias).float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = apply_head(head, lm.base_model(input_ids=ids, use_cache=False).last_hidden_state[0], softcap)  # [n, V]
     tol = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
     if not torch.allclose(own, z, atol=tol * max(1.0, own.abs().max().item()), rtol=0):
         raise UqloraError("the model's logits are not its output layer applied to its decoder's hidden states "
