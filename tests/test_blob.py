@@ -23,6 +23,7 @@ from uqlora.errors import UqloraError
 from uqlora.evaluate import EvalOptions, evaluate
 from uqlora.framing import class_scores
 from uqlora.methods.blob import BlobMethod, Draw, kl_weight
+from uqlora.schedule import lr_factor
 from uqlora.models import add_lora, load_model
 from uqlora.train import train
 
@@ -74,8 +75,9 @@ def blob_run(tmp_path_factory, tiny_model_dir, task):
 
 def test_kl_is_the_closed_form_over_every_lora_a(tiny_model_dir, task):
     """KL = Σ ½(Ω²/σp² + M²/σp² − 1 − ln(Ω²/σp²)) by hand in float64 over every LoRA A of the model and
-    its G (Ω = G²); each question's loss adds π_i·KL/S to its cross-entropy, π_i = 2^i/(2^(M+1)−1) or 1/M."""
-    cfg = blob_config(tiny_model_dir, task, grad_accum=2)
+    its G (Ω = G²); with --blob-kl-lr 0 each question's loss adds π_i·KL/S to its cross-entropy,
+    π_i = 2^i/(2^(M+1)−1) or 1/M."""
+    cfg = blob_config(tiny_model_dir, task, grad_accum=2, blob_kl_lr=0.0)
     model, _ = peft_model(tiny_model_dir)
     method = BlobMethod(cfg)
     method.prepare(model)
@@ -162,9 +164,9 @@ def test_flipout_gives_each_example_its_own_weight_sample(tiny_model_dir, task):
 
 
 def test_elbo_gradients_reach_g_and_the_mean(tiny_model_dir, task):
-    """Through the sampled NLL both G and the A mean get gradients; the ELBO adds exactly β∇KL with
-    ∂KL/∂G = −2/G + 2G³/σp² and ∂KL/∂M = M/σp² (β = π_i/S)."""
-    cfg = blob_config(tiny_model_dir, task)
+    """Through the sampled NLL both G and the A mean get gradients; the ELBO (--blob-kl-lr 0) adds exactly β∇KL
+    with ∂KL/∂G = −2/G + 2G³/σp² and ∂KL/∂M = M/σp² (β = π_i/S)."""
+    cfg = blob_config(tiny_model_dir, task, blob_kl_lr=0.0)
     model, tokenizer = peft_model(tiny_model_dir, dropout=0.1)
     method = BlobMethod(cfg)
     method.prepare(model)
@@ -187,6 +189,33 @@ def test_elbo_gradients_reach_g_and_the_mean(tiny_model_dir, task):
                                    rtol=1e-4, atol=1e-6)
     for m, nll_g, elbo_g in zip(means, nll_grads[LAYERS:], elbo_grads[LAYERS:]):
         torch.testing.assert_close(elbo_g - nll_g, beta * m.detach() / PRIOR_STD ** 2, rtol=1e-4, atol=1e-7)
+
+
+def test_separate_kl_step_is_sgd_on_the_weighted_kl(tiny_model_dir, task):
+    """Default (the authors' scheme): the loss is the NLL alone; after optimizer step i the KL takes its own SGD
+    step, G -= lr_kl·f·π_i·(−2/G + 2G³/σp²) and M -= lr_kl·f·π_i·M/σp² (f: the warm-up/decay factor of the step),
+    by the closed-form gradients; B does not move."""
+    cfg = blob_config(tiny_model_dir, task, blob_kl_lr=0.05)
+    model, _ = peft_model(tiny_model_dir)
+    method = BlobMethod(cfg)
+    method.prepare(model)
+    method.on_train_start(model, 12, 6)  # 2 epochs of 6 steps, warm-up round(0.1 · 12) = 1 step
+    scores, labels = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    method.learning_rate(5, 1.0)
+    torch.testing.assert_close(method.loss(scores, labels), F.cross_entropy(scores, labels, reduction="none"))
+    names = list(method.posteriors)
+    before_g = [method.posteriors[n].g.detach().clone() for n in names]
+    before_m = [lora_a_weights(model)[n].detach().clone() for n in names]
+    before_b = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_B" in k}
+    method.on_step_end(model, 6)  # after 0-based step 5, the epoch's last: π = 2^6/(2^7 − 1)
+    rate = 0.05 * lr_factor(5, 12, 1) * 2 ** 6 / (2 ** 7 - 1)
+    for n, g, m in zip(names, before_g, before_m):
+        g64, m64 = g.double(), m.double()
+        expected_g = g64 - rate * (-2 / g64 + 2 * g64 ** 3 / PRIOR_STD ** 2)
+        torch.testing.assert_close(method.posteriors[n].g.double(), expected_g, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(lora_a_weights(model)[n].double(), m64 - rate * m64 / PRIOR_STD ** 2,
+                                   rtol=1e-6, atol=1e-8)
+    assert all(torch.equal(v, before_b[k]) for k, v in model.named_parameters() if "lora_B" in k)
 
 
 def test_blob_run_directory(blob_run):

@@ -221,9 +221,11 @@ def test_temperature_two_processes_equal_one(map_run, tmp_path):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
 
-@pytest.mark.parametrize("method, options", [("blob", []), ("clora", ["--clora-kl-weight", "1e-2"])])
+@pytest.mark.parametrize("method, options", [("blob", ["--blob-kl-lr", "0"]), ("clora", ["--clora-kl-weight", "1e-2"])])
 def test_variational_two_processes(method, options, tmp_path, tiny_model_dir):
-    """BLoB and C-LoRA under two processes: the KL enters the objective once, not once per process.
+    """BLoB (its KL in the AdamW objective, --blob-kl-lr 0; the default's separate KL step needs no reduction:
+    every process takes the same step from the same weights) and C-LoRA under two processes: the KL enters the
+    objective once, not once per process.
 
     Each process adds the KL share of its own questions (BLoB: π_i·KL/S per question; C-LoRA: β·KL of its own
     real tokens), and the reduced step loss is the one-process objective. Step 1 shows it exactly: LoRA B starts

@@ -117,6 +117,9 @@ class TrainConfig(LoraRunOptions):
                                     "(BLoB: 0.05, i.e. Ω from 0.00125 to 0.0025)")
     blob_kl_schedule: str = _opt("reweighted", "blob: KL weight π_i of step i of M in an epoch: reweighted "
                                                "(BLoB: 2^i/(2^(M+1)-1), growing through the epoch) or uniform (1/M)")
+    blob_kl_lr: float = _opt(0.01, "blob: learning rate of the KL's own SGD step after each AdamW step on the NLL "
+                                   "(the authors' implementation; their scripts: 0.01), warmed up and decayed like "
+                                   "--lr; 0: the KL inside the one AdamW objective, NLL + π_i·KL/S")
 
     def validate(self) -> "TrainConfig":
         self.check_shared(("epochs", "lr", "batch_size", "max_length"))
@@ -165,6 +168,8 @@ class TrainConfig(LoraRunOptions):
         if not (0 < self.blob_prior_std < math.inf and 0 < self.blob_init_g < math.inf):
             raise UqloraError(f"config: blob_prior_std and blob_init_g must be finite and > 0, got "
                               f"{self.blob_prior_std} and {self.blob_init_g}")
+        if not 0 <= self.blob_kl_lr < math.inf:
+            raise UqloraError(f"config: blob_kl_lr must be finite and >= 0, got {self.blob_kl_lr}")
         if self.blob_kl_schedule not in ("reweighted", "uniform"):
             raise UqloraError(f"config: blob_kl_schedule must be reweighted or uniform, got {self.blob_kl_schedule!r}")
 

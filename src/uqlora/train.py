@@ -35,6 +35,7 @@ from .methods import get_method
 from .methods.map import MapMethod
 from .models import add_lora, default_framing, load_model
 from .predict import predict_probs
+from .schedule import lr_factor
 
 # The held-out slice is drawn with this fixed seed, so every training seed selects epochs on the same questions.
 HELD_OUT_SEED = 0
@@ -61,13 +62,6 @@ def split_held_out(questions: list, fraction: float) -> tuple[list, list]:
         raise UqloraError(f"val_fraction {fraction} leaves no training questions out of {len(questions)}")
     held = set(random.Random(HELD_OUT_SEED).sample(range(len(questions)), n_val))
     return ([q for i, q in enumerate(questions) if i not in held], [q for i, q in enumerate(questions) if i in held])
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps to the peak, then linear decay; `step` is 0-based, never 0 lr."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return (total - step) / max(1, total - warmup)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
