@@ -256,11 +256,12 @@ def test_config_errors_name_the_key(tmp_path, changes, message):
 
 
 def test_shipped_configs_plan(tmp_path):
-    """configs/smollm2-cpu.yaml: foundation.sh's settings; map and swag trained on seeds 0-4 for the 3-member
-    ensembles, every method evaluated on 3 tasks and on the 6 shift tasks for seeds 0-2."""
+    """configs/smollm2-cpu.yaml: foundation.sh's settings in bf16; map and swag trained on seeds 0-4 for the
+    3-member ensembles, every method evaluated on 3 tasks and on the 6 shift tasks for seeds 0-2."""
     bench = load_benchmark(REPO / "configs" / "smollm2-cpu.yaml")
     config = expected_config(bench, "map", "obqa", 0)
     assert (config["max_examples"], config["epochs"], config["lr"], config["batch_size"]) == (500, 3, 3e-4, 8)
+    assert config["dtype"] == "bfloat16"
     cells = plan(bench)
     trained = {(c.method, c.task, c.seed) for c in cells if c.step == "train"}
     assert {s for m, t, s in trained if m == "map" and t == "arc-e"} == {0, 1, 2, 3, 4}
