@@ -27,8 +27,9 @@ Training, one weight sample per question (the paper's K = 1), with the KL re-wei
   folded into AdamW, the KL (≈ 1.15e6 nats over SmolLM2's 276,480 A entries at the start) dwarfs the NLL on an
   epoch's last steps, where π_i ≈ 1/2 (measured, OBQA, 500 questions, bf16: a last-step loss of 72,037 against
   ≈ 1.4 before), so the gradient clipping scales the NLL away there and Adam's second moments (β2 = 0.999)
-  carry those steps for hundreds more, while Adam's normalised steps move G by at most ≈ lr a step: in that epoch mean G went
-  from 0.043 (its start) to 0.044, so A's spread stays what ε set (BENCHMARKS.md "BLoB's KL step").
+  carry those steps for hundreds more, while Adam's normalised steps move G by at most ≈ lr a step: in that
+  epoch mean G went from 0.043 (its start) to 0.044, so A's spread stays what ε set (BENCHMARKS.md "BLoB's KL
+  step").
 - 0: the KL inside the one AdamW objective, loss_n = −log p(y_n | x_n, A_n) + π_i · KL / S, so that an epoch's
   objective is the negative ELBO KL − Σ_n E_q log p(y_n | x_n, A) divided by S.
 The authors' cycle length M is a heuristic of the dataset size (100·N^(π/γ)/batch, γ = 8) when they rescale;
