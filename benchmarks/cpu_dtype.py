@@ -52,7 +52,7 @@ def main() -> None:
     models = {dtype: lora_model(dtype) for dtype in ("float32", "bfloat16")}
     train_s = {name: [] for name, _, _ in SETUPS}
     eval_s = {name: [] for name, _, _ in SETUPS}
-    scores = {name: [] for name, _, _ in SETUPS}
+    scores = {}  # set-up -> every probability of the warm-up's evaluation
     for repeat in range(args.repeats + 1):  # repeat 0 warms up
         for name, dtype, separable in SETUPS:
             model, tokenizer = models[dtype]

@@ -157,9 +157,9 @@ def cloze_scores(model, tokenizer, questions: list[Question], max_length: int = 
     c_logits = next_token_logits(model, dict(input_ids=cont.ids, attention_mask=torch.cat([q_mask[cont.owner],
                                  cont.mask], dim=1), position_ids=c_positions, use_cache=True, **cache_arg),
                                  select=predicts)  # [N, V]: N real tokens after a choice's first
-    rest_logp = torch.zeros(cont.ids.shape[0], cont.ids.shape[1] - 1, device=device)  # [K, Lc-1]
-    rest_logp[predicts[:, :-1]] = torch.log_softmax(c_logits, dim=-1).gather(
-        -1, cont.ids[:, 1:][predicts[:, :-1]][:, None]).squeeze(-1)  # tokens 2..Lc of each choice
+    real = predicts[:, :-1]  # [K, Lc-1]: which of tokens 2..Lc are real
+    rest_logp = torch.zeros(real.shape, device=device)  # [K, Lc-1]
+    rest_logp[real] = torch.log_softmax(c_logits, dim=-1).gather(-1, cont.ids[:, 1:][real][:, None]).squeeze(-1)
 
     token_logp = torch.cat([first_logp[cont.owner].gather(-1, cont.ids[:, :1]), rest_logp], dim=1)  # [K, Lc]
     mean_logp = (token_logp * cont.mask).sum(-1) / cont.mask.sum(-1)  # [K]
