@@ -19,7 +19,6 @@ from .evaluation.reliability import plot_reliability
 from .io import write_json, write_jsonl, write_text
 from .memory import peak_memory, reset_peak_memory
 from .methods import Adapter, Method, get_method
-from .methods.laplace import LINKS, LaplaceMethod
 from .models import default_framing, load_adapter, load_model
 from .posthoc.logit_store import FILE as LOGIT_FILE
 from .posthoc.logit_store import LogitStore, open_store
@@ -112,12 +111,12 @@ def evaluate(run_dir: Path, opts: EvalOptions) -> dict:
 
 
 def _logit_store(method: Method, run_dir: Path, opts: EvalOptions, model) -> LogitStore | None:
-    """A Laplace predictive's logit Gaussians: read back from this task's evaluation with either link if one was
-    made from the same posterior, and kept for the next (posthoc/logit_store.py); None for other methods."""
-    if not isinstance(method, LaplaceMethod):
+    """A predictive's logit Gaussians (Laplace's): read back from this task's evaluation with another predictive of
+    the same posterior if one was made, and kept for the next (posthoc/logit_store.py); None for other methods."""
+    sources = method.logit_store_sources()
+    if not sources:
         return None
-    candidates = [runs.eval_dir(run_dir, opts.task, opts.split, alternative) / LOGIT_FILE
-                  for alternative in (None, *(f"{method.name}-{link}" for link in LINKS))]
+    candidates = [runs.eval_dir(run_dir, opts.task, opts.split, alternative) / LOGIT_FILE for alternative in sources]
     dtype = next(model.parameters()).dtype
     method.logits = open_store(runs.posterior_file(run_dir, method.posterior_name), dtype, candidates)
     return method.logits

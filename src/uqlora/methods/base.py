@@ -114,6 +114,13 @@ class Method:
                                   f"{sorted(adapter.posterior)[:3]}: it belongs to another method")
 
     mean_at_zero_samples = False  # True: `--samples 0` asks for the deterministic posterior mean (BLoB, C-LoRA)
+    logits = None  # a LogitStore, set by evaluate where logit_store_sources() names any (posthoc/logit_store.py)
+
+    def logit_store_sources(self) -> tuple[str | None, ...]:
+        """The eval folders of this task (None: the run's own predictive, else TASK@NAME) whose saved logit
+        Gaussians this predictive can reuse, because they come from the same posterior (Laplace's two links);
+        empty: the method keeps none."""
+        return ()
 
     def check_samples(self, n_samples: int | None) -> int:
         """The number of draws per member: the method's default, or `n_samples` where the method samples."""

@@ -58,7 +58,6 @@ class LaplaceMethod(Method):
     last_layer = False
     posthoc = True  # `uqlora posthoc` fits it on a run; `uqlora train --method laplace` trains MAP, then fits
     mc_default_samples = 10
-    logits = None  # a LogitStore when evaluate keeps the Gaussians for the other link (posthoc/logit_store.py)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -84,6 +83,9 @@ class LaplaceMethod(Method):
         self.blocks = list(blocks.values())
         for m in self.linears.values():
             m.weight.requires_grad_(True)  # for the Jacobians; the weights themselves never change
+
+    def logit_store_sources(self) -> tuple[str | None, ...]:
+        return (None, *(f"{self.name}-{link}" for link in LINKS))  # either link's evaluation
 
     def predict(self, score_fn: ScoreFn, questions, n_samples: int) -> torch.Tensor:
         gaussians = self.logits.lookup(questions) if self.logits is not None else None
