@@ -271,8 +271,8 @@ def test_cli_swag_flags(swag_run, task, capsys):
 
 def test_combine_map_runs_equals_trained_ensemble(tmp_path, ensemble_run, tiny_model_dir, task, capsys):
     """`uqlora combine` of map runs with seeds 3 and 4 is the ensemble `train --method ensemble --seed 3
-    --members 2` trains: the same config.yaml and bit-identical predictions; runs with other settings, a gap in
-    the seeds or a non-map/swag run are refused without writing anything."""
+    --members 2` trains: the same config.yaml and bit-identical predictions; a run whose config.yaml predates a
+    setting combines at its default; runs with other settings, a gap in the seeds or a non-map/swag run are refused without writing anything."""
     runs_ = [train(config_for(tiny_model_dir, task, epochs=1, lora_dropout=0.1, seed=s), tmp_path / f"map{s}",
                    quiet=True) for s in (4, 3)]
     assert main(["combine", str(runs_[0]), str(runs_[1]), "--out", str(tmp_path / "ens")]) == 0
@@ -282,6 +282,14 @@ def test_combine_map_runs_equals_trained_ensemble(tmp_path, ensemble_run, tiny_m
     evaluate(tmp_path / "ens", opts(task))
     evaluate(ensemble_run, opts(task))
     assert torch.equal(probs_of(tmp_path / "ens"), probs_of(ensemble_run))
+
+    # a run made before a setting existed (its config.yaml lacks it) combines with a newer one at its default
+    older = tmp_path / "older4"
+    shutil.copytree(runs_[0], older, ignore=shutil.ignore_patterns("eval"))
+    saved = yaml.safe_load((older / "config.yaml").read_text())
+    del saved["blob_kl_lr"]
+    (older / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["combine", str(older), str(runs_[1]), "--out", str(tmp_path / "ens-older")]) == 0
 
     other = train(config_for(tiny_model_dir, task, epochs=1, lora_dropout=0.1, seed=5, lr=1e-3), tmp_path / "map5",
                   quiet=True)

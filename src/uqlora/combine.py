@@ -41,8 +41,11 @@ def combine_runs(run_dirs: list[Path], out: Path) -> Path:
     order = sorted(range(len(run_dirs)), key=lambda i: int(configs[i]["seed"]))
     run_dirs, configs = [run_dirs[i] for i in order], [configs[i] for i in order]
     first = configs[0]
-    for run, config in zip(run_dirs[1:], configs[1:]):
-        differ = sorted(k for k in set(first) | set(config) if k not in MEMBER_ONLY and first.get(k) != config.get(k))
+    # compared as `train` reads them: a setting added since a run was made is its default there
+    settings = [from_mapping(c, f"{r / runs.CONFIG}").to_dict() for r, c in zip(run_dirs, configs)]
+    for run, config in zip(run_dirs[1:], settings[1:]):
+        differ = sorted(k for k in set(settings[0]) | set(config)
+                        if k not in MEMBER_ONLY and settings[0].get(k) != config.get(k))
         if differ:
             raise UqloraError(f"{run} differs from {run_dirs[0]} in {', '.join(differ)}; an ensemble's members "
                               "differ only in their seed")
