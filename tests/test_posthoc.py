@@ -1,4 +1,5 @@
-"""`uqlora posthoc` (laplace, laplace-ll, temperature) and `train --method laplace` end to end on the tiny model.
+"""`uqlora posthoc` (laplace, laplace-ll, temperature, swag-scale) and `train --method laplace` end to end on the
+tiny model.
 
 Oracles: a Laplace posterior with an enormous prior precision predicts exactly what MAP predicts (the covariance
 vanishes); `train --method laplace` writes the same posterior as `train --method map` + `posthoc`; temperature
@@ -163,3 +164,47 @@ def test_low_rank_factors_match_full_at_full_rank(map_run, laplace_run, tmp_path
     evaluate(small, opts(task))
     torch.testing.assert_close(probs_of(exact), full_probs, rtol=0, atol=1e-4)
     assert torch.allclose(probs_of(small).sum(-1), torch.ones(len(full_probs)))
+
+
+def test_swag_scale_picks_the_lowest_validation_nll(tmp_path, tiny_model_dir, task, map_run, capsys):
+    """`posthoc --method swag-scale` on a swag run: its recorded validation NLLs equal the NLL of the swag
+    predictive on the same validation questions evaluated at each scale directly (the run's config swag_scale
+    overridden, as `evaluate --swag-scale` does), the scale is their argmin, and evaluating the fitted run gives
+    exactly the swag run's predictions at that scale. --swag-scale on the fitted run, a non-swag run, or a fitted
+    run without its swag-scale.json is refused."""
+    from uqlora.evaluate import open_run
+    from uqlora.posthoc.fit import SCALE_GRID
+    from uqlora.predict import predict_probs
+    from uqlora.runs import read_config
+
+    swag = train(config_for(tiny_model_dir, task, method="swag", epochs=2, swag_start=0.5, swag_every=1,
+                            swag_rank=3, swa_lr=2e-3), tmp_path / "swag", quiet=True)
+    run = posthoc(swag, tmp_path / "scaled", "swag-scale", {}, quiet=True)
+    fitted = json.loads((run / "posterior" / "swag-scale.json").read_text())
+    config = TrainConfig(**read_config(run))
+    val_qs = validation_questions(config)
+    assert fitted["validation_questions"] == len(val_qs) == 8 and fitted["draws"] == 10
+    labels = torch.tensor([q.label for q in val_qs])
+    direct = {}
+    for scale in SCALE_GRID:
+        method, model, tok, framing, acc = open_run(swag, read_config(swag), "swag", {"swag_scale": scale},
+                                                    quiet=True)
+        probs = predict_probs(method, model, tok, framing, val_qs, accelerator=acc, batch_size=4, max_length=512,
+                              n_samples=10, quiet=True).probs
+        direct[scale] = float(-probs[torch.arange(8), labels].double().log().mean())
+        assert fitted["validation_nll"][f"{scale:g}"] == pytest.approx(direct[scale], abs=1e-5)
+    assert fitted["scale"] == min(direct, key=direct.get)
+    assert len(set(round(v, 4) for v in direct.values())) > 1  # the scales do change the predictive
+
+    metrics = evaluate(run, opts(task))
+    assert metrics["method"] == "swag-scale"
+    evaluate(swag, opts(task, swag_scale=fitted["scale"]))
+    assert torch.equal(probs_of(run), probs_of(swag))
+
+    with pytest.raises(UqloraError, match="was fitted"):
+        evaluate(run, opts(task, swag_scale=2.0))
+    with pytest.raises(UqloraError, match="swag-scale chooses the scale of a swag run"):
+        posthoc(map_run, tmp_path / "x", "swag-scale", {})
+    (run / "posterior" / "swag-scale.json").unlink()
+    assert main(["evaluate", str(run), "--task", f"jsonl:{task}", "--quiet"]) == 2
+    assert "no fitted SWAG scale" in capsys.readouterr().err

@@ -89,10 +89,11 @@ def _posthoc_parser(sub) -> None:
     from .config import TrainConfig
     from .posthoc.fit import POSTHOC_METHODS, POSTHOC_OPTIONS
 
-    p = sub.add_parser("posthoc", help="fit a post-hoc posterior (Laplace, temperature) on a trained run",
+    p = sub.add_parser("posthoc", help="fit a post-hoc posterior (Laplace, temperature, SWAG scale) on a trained run",
                        description="Copies RUN into --out and fits there; `uqlora evaluate OUT` then uses the "
                                    "post-hoc predictive. Options default to RUN's config, else the defaults shown.")
-    p.add_argument("run_dir", type=Path, help="a trained run (laplace: map, mc-dropout or swa; temperature: any)")
+    p.add_argument("run_dir", type=Path, help="a trained run (laplace: map, mc-dropout or swa; temperature: any; "
+                                                   "swag-scale: swag)")
     p.add_argument("--method", required=True, choices=POSTHOC_METHODS)
     p.add_argument("--out", required=True, type=Path, help="new run directory for the fitted posterior")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

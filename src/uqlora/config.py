@@ -96,9 +96,9 @@ class TrainConfig(LoraRunOptions):
                                      "the validation questions)")
     link: str = _opt("probit", "laplace: predictive from the Gaussian logits, probit or mc (`evaluate --link` "
                                "overrides)")
-    val_examples: int = _opt(200, "laplace (val-nll), temperature: validation questions, the run's held-out "
-                                  "slice if val_fraction > 0, else this many training-split questions it did not "
-                                  "train on")
+    val_examples: int = _opt(200, "laplace (val-nll), temperature, swag-scale: validation questions, the run's "
+                                  "held-out slice if val_fraction > 0, else this many training-split questions it "
+                                  "did not train on")
     base_method: typing.Optional[str] = _opt(None, "temperature: the method whose predictive it rescales (set "
                                                    "by `uqlora posthoc`)")
 

@@ -179,6 +179,9 @@ def _config(config: dict, overrides: dict, run_dir: Path):
     """The run's settings as a TrainConfig, with `overrides`; --link only where a Laplace predictive reads it."""
     if "link" in overrides and not {config["method"], config.get("base_method")} & {"laplace", "laplace-ll"}:
         raise UqloraError(f"--link applies to laplace and laplace-ll runs, not to a {config['method']} run")
+    if "swag_scale" in overrides and config["method"] == "swag-scale":
+        raise UqloraError(f"--swag-scale: the scale of {run_dir} was fitted (posterior/swag-scale.json); evaluate "
+                          "the swag run it was fitted on for another scale")
     return from_mapping({**config, **overrides}, f"{run_dir / runs.CONFIG}")
 
 

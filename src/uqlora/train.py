@@ -351,7 +351,7 @@ def _finish(config, run_dir, model, method, progress, best_state, accelerator, e
         state = method.state_dict()
         if state:
             (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
-            runs.write_safetensors(runs.posterior_file(run_dir, method.name), state)
+            runs.write_safetensors(runs.posterior_file(run_dir, method.posterior_name), state)
         write_json(run_dir / runs.SUMMARY, {
             "steps": progress.global_step, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
             "train_questions": n_train, "held_out_questions": n_val,

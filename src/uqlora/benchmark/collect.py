@@ -32,7 +32,7 @@ IN_DISTRIBUTION, SHIFT = "in-distribution", "shift"
 OOD_SCORES = ("entropy", "mutual_information")
 # the seconds a post-hoc fit records in posterior/METHOD.json (laplace: K-FAC factors, then the prior)
 FIT_SECONDS = {"laplace": ("fit_seconds", "prior_seconds"), "laplace-ll": ("fit_seconds", "prior_seconds"),
-               "temperature": ("seconds",)}
+               "temperature": ("seconds",), "swag-scale": ("seconds",)}
 
 
 @dataclass(frozen=True)

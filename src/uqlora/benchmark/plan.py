@@ -148,6 +148,8 @@ def _check_posthoc(bench: Benchmark, spec: MethodSpec, where: str) -> None:
     if spec.method in LAPLACE and base not in LAPLACE_BASES:
         raise UqloraError(f"{where}.posthoc: {spec.method} needs runs with one point-estimate adapter "
                           f"({', '.join(LAPLACE_BASES)}); {spec.base!r} makes {base} runs")
+    if spec.method == "swag-scale" and base != "swag":
+        raise UqloraError(f"{where}.posthoc: swag-scale needs swag runs; {spec.base!r} makes {base} runs")
     if spec.method == "temperature" and base == "temperature":
         raise UqloraError(f"{where}.posthoc: {spec.base!r} is already temperature-scaled")
     _first_config(bench, spec.name)

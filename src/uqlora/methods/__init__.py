@@ -11,13 +11,13 @@ from .laplace import LaplaceMethod, LastLayerLaplaceMethod
 from .map import MapMethod, ZeroShotMethod
 from .mc_dropout import McDropoutMethod
 from .sft import SftFullMethod, SftMethod
-from .swag import SwagMethod, SwaMethod
+from .swag import SwagMethod, SwagScaleMethod, SwaMethod
 from .temperature import TemperatureMethod
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, EnsembleMethod, MultiSwagMethod,
-    SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod, CLoraMethod,
-    BlobMethod)}
+    MapMethod, ZeroShotMethod, McDropoutMethod, SwaMethod, SwagMethod, SwagScaleMethod, EnsembleMethod,
+    MultiSwagMethod, SftMethod, SftFullMethod, LaplaceMethod, LastLayerLaplaceMethod, TemperatureMethod,
+    CLoraMethod, BlobMethod)}
 
 
 def get_method(name: str, config=None) -> Method:

@@ -13,8 +13,12 @@ swag_moments.py.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 
+from .. import runs
 from ..errors import UqloraError
 from . import batched
 from .base import Adapter, Method, ScoreFn, draw_generator
@@ -161,3 +165,33 @@ class SwagMethod(SwaMethod):
 
         name = self.adapters[0].name
         return {n: (stacked(m.lora_A[name].weight), stacked(m.lora_B[name].weight)) for n, m in layers.items()}
+
+
+class SwagScaleMethod(SwagMethod):
+    """SWAG at the covariance scale its predictive's validation NLL chose (`uqlora posthoc SWAG_RUN --method
+    swag-scale`, posthoc/fit.py fit_swag_scale_run): the scale is read from posterior/swag-scale.json, not from
+    swag_scale (evaluate another scale on the swag run itself). Trains, samples and saves exactly as swag."""
+
+    name = "swag-scale"
+    posthoc = True
+    posterior_name = "swag"  # the SWAG state of the run it was fitted on
+    fitted_scale: float | None = None
+
+    def load_fitted(self, run_dir) -> None:
+        path = Path(run_dir) / runs.POSTERIOR / SCALE_FIT_FILE
+        if not path.is_file():
+            raise UqloraError(f"{run_dir} has no fitted SWAG scale ({path} is missing); make it with `uqlora "
+                              "posthoc SWAG_RUN --method swag-scale --out DIR`")
+        value = runs.read_json(path).get("scale")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise UqloraError(f"{path}: scale must be a finite number >= 0, got {value!r}")
+        self.fitted_scale = float(value)
+
+    def bind(self, model, adapters: list[Adapter], *, seed: int = 0, member: int = 0) -> None:
+        super().bind(model, adapters, seed=seed, member=member)
+        if self.fitted_scale is None:
+            raise UqloraError("swag-scale: no fitted scale loaded (load_fitted was not called)")
+        self.scale = self.fitted_scale
+
+
+SCALE_FIT_FILE = "swag-scale.json"

@@ -1,4 +1,4 @@
-"""Post-hoc fits on a trained run: `uqlora posthoc RUN --method laplace|laplace-ll|temperature --out DIR`
+"""Post-hoc fits on a trained run: `uqlora posthoc RUN --method laplace|laplace-ll|temperature|swag-scale --out DIR`
 copies RUN into DIR (adapter, posterior, members) and fits there; `uqlora train --method laplace` fits in place.
 
 DESIGN.md sketches a `Method.fit(model, loader)`; the fits live here instead because they need what a method
@@ -7,8 +7,8 @@ fit wraps another method's whole predictive. The methods (methods/laplace.py, te
 fitted state at evaluation.
 
 Questions: the Laplace curvature is summed over the questions the run trained on (its TrainConfig selects them
-again); the validation questions (prior by val-nll, temperature) are the run's held-out slice when it has one,
-else up to `val_examples` questions of its training split it did not train on, drawn with VAL_SEED.
+again); the validation questions (prior by val-nll, temperature, SWAG scale) are the run's held-out slice when it
+has one, else up to `val_examples` questions of its training split it did not train on, drawn with VAL_SEED.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ from .curvature import batch_logit_jacobians, fit_kfac, logit_covariance, lora_l
 from .glm import probit_probs
 from .kfac import fit_prior_precision, log_marginal_likelihood
 
-POSTHOC_METHODS = ("laplace", "laplace-ll", "temperature")
+POSTHOC_METHODS = ("laplace", "laplace-ll", "temperature", "swag-scale")
 LAPLACE_BASES = ("map", "mc-dropout", "swa")  # runs whose adapter is one point estimate
+# SWAG covariance scales tried by swag-scale, a factor 4 apart: 1 is Maddox et al.'s sampling, 0.25 narrower,
+# 4-64 wider (OBQA, 10 epochs: scale 16 took ECE from MAP's 24.8 % to 14.7 %; BENCHMARKS.md, the SWAG diagnosis)
+SCALE_GRID = (0.25, 1.0, 4.0, 16.0, 64.0)
 POSTHOC_OPTIONS = ("curvature", "kfac_max_full_dim", "kfac_rank", "prior_fit", "link", "val_examples")
 VAL_SEED = 0
 # prior precisions tried by prior_fit=val-nll: 10^-2 .. 10^6, two per decade
@@ -74,9 +77,11 @@ def posthoc(run_dir: Path, out: Path, method: str, options: dict, *, quiet: bool
     base = saved["method"]
     if method not in POSTHOC_METHODS:
         raise UqloraError(f"posthoc --method must be one of {', '.join(POSTHOC_METHODS)}, got {method!r}")
-    if method != "temperature" and base not in LAPLACE_BASES:
+    if method in ("laplace", "laplace-ll") and base not in LAPLACE_BASES:
         raise UqloraError(f"{method} needs a run with one point-estimate adapter ({', '.join(LAPLACE_BASES)}); "
                           f"{run_dir} is a {base} run")
+    if method == "swag-scale" and base != "swag":
+        raise UqloraError(f"swag-scale chooses the scale of a swag run's posterior; {run_dir} is a {base} run")
     if method == "temperature" and (base in ("temperature", "zero-shot") or "task" not in saved):
         raise UqloraError(f"temperature scaling needs a trained run with a task; {run_dir} is a {base} run")
     if not (run_dir / runs.SUMMARY).is_file():
@@ -107,6 +112,8 @@ def fit_run(run_dir: Path, config: TrainConfig, *, model=None, tokenizer=None, f
     with the accelerator of its processes. Every process fits its share; the main one writes the files."""
     if config.method == "temperature":
         return fit_temperature_run(run_dir, config, quiet)
+    if config.method == "swag-scale":
+        return fit_swag_scale_run(run_dir, config, quiet)
     if model is None:
         from ..evaluate import open_run
 
@@ -221,5 +228,39 @@ def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict
     if accelerator.is_main_process:  # every process has the gathered draws and the same T
         (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
         write_json(run_dir / runs.POSTERIOR / FIT_FILE, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def fit_swag_scale_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict:
+    """The SCALE_GRID scale whose SWAG predictive (the method's default draws, the same draws' noise at every
+    scale) has the lowest validation NLL -> posterior/swag-scale.json. Every process gets the gathered
+    predictive, so all choose the same scale; the main one writes the file."""
+    from ..evaluate import open_run
+    from ..methods.swag import SCALE_FIT_FILE
+    from ..predict import predict_probs
+
+    swag = {**config.to_dict(), "method": "swag"}
+    method, model, tokenizer, framing, accelerator = open_run(run_dir, swag, "swag", {}, quiet=quiet)  # draw seed 0
+    val_qs = validation_questions(config)
+    labels = torch.tensor([q.label for q in val_qs])
+    draws = method.check_samples(None)
+    reset_peak_memory(accelerator.device)
+    start = time.perf_counter()
+    nll = {}
+    for scale in SCALE_GRID:
+        method.scale = scale
+        probs = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
+                              batch_size=config.batch_size, max_length=config.max_length, n_samples=draws,
+                              quiet=quiet, desc=f"swag scale {scale:g}").probs  # [N, C]
+        picked = probs[torch.arange(len(labels)), labels].double().clamp_min(PROB_FLOOR)  # [N]
+        nll[scale] = float(-picked.log().mean())
+    best = min(SCALE_GRID, key=nll.__getitem__)
+    summary = {"scale": best, "validation_nll": {f"{s:g}": round(v, 6) for s, v in nll.items()},
+               "validation_questions": len(val_qs), "draws": draws, "seconds": round(time.perf_counter() - start, 2),
+               "processes": accelerator.num_processes, **peak_memory(accelerator.device)}
+    if accelerator.is_main_process:
+        (run_dir / runs.POSTERIOR).mkdir(exist_ok=True)
+        write_json(run_dir / runs.POSTERIOR / SCALE_FIT_FILE, summary)
     accelerator.wait_for_everyone()
     return summary
