@@ -9,7 +9,8 @@
 #   budget:            MAP trained 10 epochs (is MAP itself more overconfident with more steps?);
 #   window alone:      10 epochs with the grid's collection (every 5 steps over the second half at 1e-4), at
 #                      scales 1 and 16: is it the longer training or the collection at the peak lr?
-#   scale alone:       the grid's own 3-epoch SWAG run at scale 16 (a copy of it).
+#   scale alone:       the grid's own 3-epoch SWAG run at scale 16 (a copy of it);
+#   scale by val:      the 10-epoch run's scale chosen by validation NLL (`posthoc --method swag-scale`).
 # The grid's own MAP and SWAG runs of OBQA seed 0 are read from GRID (uqlora benchmark configs/smollm2-cpu.yaml).
 # Skips finished cells; PARTS below. Usage: bash benchmarks/swag_diagnosis.sh GRID_RUNS OUT   (GRID_RUNS: OUT/runs of the grid)
 set -euo pipefail
@@ -21,7 +22,7 @@ COMMON=(--model smollm2-135m --task obqa --split train --max-examples 500 --lr 3
 EVAL=(--task obqa --split test --max-examples 500 --quiet)
 source "$(dirname "$0")/lib.sh"
 
-PARTS=${PARTS:-swag map window scale}  # run only some parts, e.g. one per core: PARTS=swag ... & PARTS=map ...
+PARTS=${PARTS:-swag map window scale val}  # run only some parts, e.g. one per core: PARTS=swag ... & PARTS=map ...
 
 if [[ " $PARTS " == *" swag "* ]]; then
   train "$OUT/swag-10ep" 0 --method swag --epochs 10 --swag-start 0.5 --swag-every 16 --swag-rank 20 --swa-lr 3e-4
@@ -49,6 +50,11 @@ if [[ " $PARTS " == *" scale "* ]]; then
   RUN="$OUT/swag-seed0-scale16"
   [ -d "$RUN" ] || { mkdir -p "$RUN"; cp -r "$GRID/obqa/swag-seed0/." "$RUN/"; rm -rf "$RUN/eval"; }
   evaluate "$RUN" obqa --samples "$SAMPLES" --swag-scale 16
+fi
+if [[ " $PARTS " == *" val "* ]]; then
+  [ -f "$OUT/swag-10ep-val/posterior/swag-scale.json" ] || { rm -rf "$OUT/swag-10ep-val";
+    $UQ posthoc "$OUT/swag-10ep" --method swag-scale --out "$OUT/swag-10ep-val" --quiet; }
+  evaluate "$OUT/swag-10ep-val" obqa
 fi
 RUNS=(); for R in "$GRID/obqa/map-seed0" "$GRID/obqa/swag-seed0" "$OUT"/map-10ep "$OUT"/swag-*; do
   [ -f "$R/eval/obqa/metrics.json" ] && RUNS+=("$R"); done  # with their other predictives (eval/obqa@...)
