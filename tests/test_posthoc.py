@@ -167,13 +167,14 @@ def test_low_rank_factors_match_full_at_full_rank(map_run, laplace_run, tmp_path
 
 
 def test_swag_scale_picks_the_lowest_validation_nll(tmp_path, tiny_model_dir, task, map_run, capsys):
-    """`posthoc --method swag-scale` on a swag run: its recorded validation NLLs equal the NLL of the swag
-    predictive on the same validation questions evaluated at each scale directly (the run's config swag_scale
+    """`posthoc --method swag-scale` on a swag run: it tries SCALE_GRID and beyond an end while the best is there;
+    its recorded validation NLLs equal the NLL of the swag predictive on the same validation questions evaluated
+    at each scale directly (the run's config swag_scale
     overridden, as `evaluate --swag-scale` does), the scale is their argmin, and evaluating the fitted run gives
     exactly the swag run's predictions at that scale. --swag-scale on the fitted run, a non-swag run, or a fitted
     run without its swag-scale.json is refused."""
     from uqlora.evaluate import open_run
-    from uqlora.posthoc.fit import SCALE_GRID
+    from uqlora.posthoc.fit import SCALE_GRID, SCALE_LIMITS, SCALE_STEP
     from uqlora.predict import predict_probs
     from uqlora.runs import read_config
 
@@ -185,14 +186,19 @@ def test_swag_scale_picks_the_lowest_validation_nll(tmp_path, tiny_model_dir, ta
     val_qs = validation_questions(config)
     assert fitted["validation_questions"] == len(val_qs) == 8 and fitted["draws"] == 10
     labels = torch.tensor([q.label for q in val_qs])
+    recorded = {scale: value for scale, value in fitted["validation_nll"]}
+    assert set(SCALE_GRID) <= set(recorded)
+    best = fitted["scale"]  # an end of the tried scales only where the next one would leave SCALE_LIMITS
+    assert best != max(recorded) or best * SCALE_STEP > SCALE_LIMITS[1]
+    assert best != min(recorded) or best / SCALE_STEP < SCALE_LIMITS[0]
     direct = {}
-    for scale in SCALE_GRID:
+    for scale in recorded:
         method, model, tok, framing, acc = open_run(swag, read_config(swag), "swag", {"swag_scale": scale},
                                                     quiet=True)
         probs = predict_probs(method, model, tok, framing, val_qs, accelerator=acc, batch_size=4, max_length=512,
                               n_samples=10, quiet=True).probs
         direct[scale] = float(-probs[torch.arange(8), labels].double().log().mean())
-        assert fitted["validation_nll"][f"{scale:g}"] == pytest.approx(direct[scale], abs=1e-5)
+        assert recorded[scale] == pytest.approx(direct[scale], abs=1e-5)
     assert fitted["scale"] == min(direct, key=direct.get)
     assert len(set(round(v, 4) for v in direct.values())) > 1  # the scales do change the predictive
 

@@ -34,9 +34,12 @@ from .kfac import fit_prior_precision, log_marginal_likelihood
 
 POSTHOC_METHODS = ("laplace", "laplace-ll", "temperature", "swag-scale")
 LAPLACE_BASES = ("map", "mc-dropout", "swa")  # runs whose adapter is one point estimate
-# SWAG covariance scales tried by swag-scale, a factor 4 apart: 1 is Maddox et al.'s sampling, 0.25 narrower,
-# 4-64 wider (OBQA, 10 epochs: scale 16 took ECE from MAP's 24.8 % to 14.7 %; BENCHMARKS.md, the SWAG diagnosis)
+# SWAG covariance scales tried first by swag-scale, a factor SCALE_STEP apart: 1 is Maddox et al.'s sampling, 0.25
+# narrower, 4-64 wider (OBQA, 10 epochs: scale 16 took ECE from MAP's 24.8 % to 14.7 %; BENCHMARKS.md, the SWAG
+# diagnosis). While the best is an end of what was tried, the next scale beyond it is tried, within SCALE_LIMITS.
 SCALE_GRID = (0.25, 1.0, 4.0, 16.0, 64.0)
+SCALE_STEP = 4.0
+SCALE_LIMITS = (4.0 ** -4, 4.0 ** 6)  # 1/256 .. 4096
 POSTHOC_OPTIONS = ("curvature", "kfac_max_full_dim", "kfac_rank", "prior_fit", "link", "val_examples")
 VAL_SEED = 0
 # prior precisions tried by prior_fit=val-nll: 10^-2 .. 10^6, two per decade
@@ -233,9 +236,10 @@ def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict
 
 
 def fit_swag_scale_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict:
-    """The SCALE_GRID scale whose SWAG predictive (the method's default draws, the same draws' noise at every
-    scale) has the lowest validation NLL -> posterior/swag-scale.json. Every process gets the gathered
-    predictive, so all choose the same scale; the main one writes the file."""
+    """The scale whose SWAG predictive (the method's default draws, the same draws' noise at every scale) has the
+    lowest validation NLL among SCALE_GRID, extended by SCALE_STEP beyond an end while the best is that end ->
+    posterior/swag-scale.json. Every process gets the gathered predictive, so all choose the same scale; the main
+    one writes the file."""
     from ..evaluate import open_run
     from ..methods.swag import SCALE_FIT_FILE
     from ..predict import predict_probs
@@ -247,16 +251,25 @@ def fit_swag_scale_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict:
     draws = method.check_samples(None)
     reset_peak_memory(accelerator.device)
     start = time.perf_counter()
-    nll = {}
-    for scale in SCALE_GRID:
+    nll: dict[float, float] = {}
+
+    def try_scale(scale: float) -> None:
         method.scale = scale
         probs = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
                               batch_size=config.batch_size, max_length=config.max_length, n_samples=draws,
                               quiet=quiet, desc=f"swag scale {scale:g}").probs  # [N, C]
         picked = probs[torch.arange(len(labels)), labels].double().clamp_min(PROB_FLOOR)  # [N]
         nll[scale] = float(-picked.log().mean())
-    best = min(SCALE_GRID, key=nll.__getitem__)
-    summary = {"scale": best, "validation_nll": {f"{s:g}": round(v, 6) for s, v in nll.items()},
+
+    for scale in SCALE_GRID:
+        try_scale(scale)
+    while True:
+        best = min(nll, key=nll.__getitem__)
+        beyond = {max(nll): max(nll) * SCALE_STEP, min(nll): min(nll) / SCALE_STEP}.get(best)
+        if beyond is None or not SCALE_LIMITS[0] <= beyond <= SCALE_LIMITS[1]:
+            break
+        try_scale(beyond)
+    summary = {"scale": best, "validation_nll": [[s, round(v, 6)] for s, v in sorted(nll.items())],
                "validation_questions": len(val_qs), "draws": draws, "seconds": round(time.perf_counter() - start, 2),
                "processes": accelerator.num_processes, **peak_memory(accelerator.device)}
     if accelerator.is_main_process:
