@@ -5,7 +5,7 @@ train_log.jsonl, posterior/*.json, eval/*/metrics.json and predictions.jsonl wit
 probabilities), enough to recompute every metric and to rewrite the report. No weights (adapter/, posteriors,
 checkpoints) and no plots: they are large, and a run is remade from its config and seed.
 
-    .venv/bin/python benchmarks/archive_runs.py runs/benchmark/smollm2-cpu/runs benchmarks/results/smollm2-cpu
+    .venv/bin/python benchmarks/archive_runs.py runs/benchmark/smollm2-cpu-3ep/runs benchmarks/results/smollm2-cpu-3ep
 
 Copied back into OUT/runs, the archive makes `uqlora benchmark CONFIG --report-only` write the same report, and its
 finished cells count as done. Its runs have no weights: to evaluate one again, remove its folder (and those of

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md "BLoB's KL step": BLoB on OBQA seed 0 with its KL in the one AdamW objective (--blob-kl-lr 0, the
 # former default) against the grid's BLoB run, whose KL takes its own SGD step (the default, the authors' scheme),
-# and the grid's MAP run; settings of configs/smollm2-cpu.yaml (500 training questions, 3 epochs, bf16; 500 test
+# and the grid's MAP run; settings of configs/smollm2-cpu-3ep.yaml (500 training questions, 3 epochs, bf16; 500 test
 # questions, 10 draws, and the posterior mean). Skips finished cells.
-# Usage: bash benchmarks/blob_kl_step.sh GRID_RUNS OUT   (GRID_RUNS: OUT/runs of configs/smollm2-cpu.yaml)
+# Usage: bash benchmarks/blob_kl_step.sh GRID_RUNS OUT   (GRID_RUNS: OUT/runs of configs/smollm2-cpu-3ep.yaml)
 set -euo pipefail
 GRID=${1:?GRID_RUNS}; OUT=${2:?OUT}
 UQ=${UQLORA:-.venv/bin/uqlora}

@@ -3,7 +3,8 @@
 # train MAP long enough to reach the overconfident regime; measure ECE against epochs and choose honestly).
 # MAP LoRA on TASK (500 training questions, lr 3e-4, batch 8, bf16 as configs/smollm2-cpu.yaml), one run per
 # budget: each is a whole run at that budget (warm-up and linear decay over its own steps), not a checkpoint of a
-# longer one. Runs already in GRID (the benchmark's OUT/runs, `map-seed0` = 3 epochs) or OUT are reused.
+# longer one. Runs already in OUT are reused, and GRID's map-seed0 for 3 epochs (GRID: OUT/runs of
+# configs/smollm2-cpu-3ep.yaml, whose settings these are but for the epochs).
 #   bash benchmarks/epoch_budget.sh GRID_RUNS OUT TASK [EPOCHS...]     (default epochs: 1 2 3 5 10 20)
 set -euo pipefail
 GRID=${1:?GRID_RUNS}; OUT=${2:?OUT}; TASK=${3:?TASK}; shift 3

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md "SWAG: why the direction is weak": the three suspects of issue 3 on OBQA seed 0 (500 training
-# questions, 500 test questions, bf16 as configs/smollm2-cpu.yaml), each against the grid's settings (3 epochs,
+# questions, 500 test questions, bf16 as configs/smollm2-cpu-3ep.yaml), each against the grid's settings (3 epochs,
 # collection every 5 steps over the second half at a constant lr of 1e-4):
 #   schedule + window: 10 epochs, collection every 16 steps over the last 5 epochs (20 snapshots, K = 20) at a
 #                      constant lr equal to the training peak (3e-4): a longer, stationary phase at a larger lr;
@@ -11,7 +11,7 @@
 #                      scales 1 and 16: is it the longer training or the collection at the peak lr?
 #   scale alone:       the grid's own 3-epoch SWAG run at scale 16 (a copy of it);
 #   scale by val:      the 10-epoch run's scale chosen by validation NLL (`posthoc --method swag-scale`).
-# The grid's own MAP and SWAG runs of OBQA seed 0 are read from GRID (uqlora benchmark configs/smollm2-cpu.yaml).
+# The grid's own MAP and SWAG runs of OBQA seed 0 are read from GRID (uqlora benchmark configs/smollm2-cpu-3ep.yaml).
 # Skips finished cells; PARTS below. Usage: bash benchmarks/swag_diagnosis.sh GRID_RUNS OUT   (GRID_RUNS: OUT/runs of the grid)
 set -euo pipefail
 GRID=${1:?GRID_RUNS}; OUT=${2:?OUT}

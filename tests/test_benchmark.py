@@ -256,11 +256,15 @@ def test_config_errors_name_the_key(tmp_path, changes, message):
 
 
 def test_shipped_configs_plan(tmp_path):
-    """configs/smollm2-cpu.yaml: foundation.sh's settings in bf16; map and swag trained on seeds 0-4 for the
-    3-member ensembles, every method evaluated on 3 tasks and on the 6 shift tasks for seeds 0-2."""
+    """configs/smollm2-cpu.yaml: 500 questions, 10 epochs (the measured budget), bf16; map and swag trained on
+    seeds 0-4 for the 3-member ensembles, every method evaluated on 3 tasks and on the 6 shift tasks for seeds
+    0-2. configs/smollm2-cpu-3ep.yaml: the same grid at foundation.sh's 3 epochs, in its own out."""
+    first = load_benchmark(REPO / "configs" / "smollm2-cpu-3ep.yaml")
+    assert expected_config(first, "map", "obqa", 0)["epochs"] == 3
     bench = load_benchmark(REPO / "configs" / "smollm2-cpu.yaml")
+    assert bench.out != first.out and set(bench.methods) == set(first.methods)
     config = expected_config(bench, "map", "obqa", 0)
-    assert (config["max_examples"], config["epochs"], config["lr"], config["batch_size"]) == (500, 3, 3e-4, 8)
+    assert (config["max_examples"], config["epochs"], config["lr"], config["batch_size"]) == (500, 10, 3e-4, 8)
     assert config["dtype"] == "bfloat16"
     cells = plan(bench)
     trained = {(c.method, c.task, c.seed) for c in cells if c.step == "train"}
