@@ -171,7 +171,8 @@ def test_swag_scale_picks_the_lowest_validation_nll(tmp_path, tiny_model_dir, ta
     its recorded validation NLLs equal the NLL of the swag predictive on the same validation questions evaluated
     at each scale directly (the run's config swag_scale
     overridden, as `evaluate --swag-scale` does), the scale is their argmin, and evaluating the fitted run gives
-    exactly the swag run's predictions at that scale. --swag-scale on the fitted run, a non-swag run, or a fitted
+    exactly the swag run's predictions at that scale; `train --method swag-scale` (SWAG, then the fit) gives the
+    same fit and predictions. --swag-scale on the fitted run, a non-swag run, or a fitted
     run without its swag-scale.json is refused."""
     from uqlora.evaluate import open_run
     from uqlora.posthoc.fit import SCALE_GRID, SCALE_LIMITS, SCALE_STEP
@@ -207,6 +208,12 @@ def test_swag_scale_picks_the_lowest_validation_nll(tmp_path, tiny_model_dir, ta
     evaluate(swag, opts(task, swag_scale=fitted["scale"]))
     assert torch.equal(probs_of(run), probs_of(swag))
 
+    trained = train(config_for(tiny_model_dir, task, method="swag-scale", epochs=2, swag_start=0.5, swag_every=1,
+                               swag_rank=3, swa_lr=2e-3), tmp_path / "trained", quiet=True)  # SWAG, then the fit
+    assert json.loads((trained / "posterior" / "swag-scale.json").read_text())["validation_nll"] == \
+        fitted["validation_nll"]
+    evaluate(trained, opts(task))
+    assert torch.equal(probs_of(trained), probs_of(run))
     with pytest.raises(UqloraError, match="was fitted"):
         evaluate(run, opts(task, swag_scale=2.0))
     with pytest.raises(UqloraError, match="swag-scale chooses the scale of a swag run"):
