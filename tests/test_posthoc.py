@@ -169,11 +169,10 @@ def test_low_rank_factors_match_full_at_full_rank(map_run, laplace_run, tmp_path
 def test_swag_scale_picks_the_lowest_validation_nll(tmp_path, tiny_model_dir, task, map_run, capsys):
     """`posthoc --method swag-scale` on a swag run: it tries SCALE_GRID and beyond an end while the best is there;
     its recorded validation NLLs equal the NLL of the swag predictive on the same validation questions evaluated
-    at each scale directly (the run's config swag_scale
-    overridden, as `evaluate --swag-scale` does), the scale is their argmin, and evaluating the fitted run gives
-    exactly the swag run's predictions at that scale; `train --method swag-scale` (SWAG, then the fit) gives the
-    same fit and predictions. --swag-scale on the fitted run, a non-swag run, or a fitted
-    run without its swag-scale.json is refused."""
+    at each scale directly (the run's config swag_scale overridden, as `evaluate --swag-scale` does), the scale is
+    their argmin, and evaluating the fitted run gives exactly the swag run's predictions at that scale;
+    `train --method swag-scale` (SWAG, then the fit) gives the same fit and predictions. --swag-scale on the
+    fitted run, a non-swag run, or a fitted run without its swag-scale.json is refused."""
     from uqlora.evaluate import open_run
     from uqlora.posthoc.fit import SCALE_GRID, SCALE_LIMITS, SCALE_STEP
     from uqlora.predict import predict_probs
