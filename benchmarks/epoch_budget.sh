@@ -8,7 +8,8 @@
 #   bash benchmarks/epoch_budget.sh GRID_RUNS OUT TASK [EPOCHS...]     (default epochs: 1 2 3 5 10 20)
 set -euo pipefail
 GRID=${1:?GRID_RUNS}; OUT=${2:?OUT}; TASK=${3:?TASK}; shift 3
-BUDGETS=("${@:-1 2 3 5 10 20}"); BUDGETS=(${BUDGETS[*]})
+[ $# -gt 0 ] || set -- 1 2 3 5 10 20
+BUDGETS=("$@")
 UQ=${UQLORA:-.venv/bin/uqlora}
 COMMON=(--model smollm2-135m --task "$TASK" --split train --max-examples 500 --lr 3e-4 --batch-size 8 --dtype bfloat16
         --method map --quiet)

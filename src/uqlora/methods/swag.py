@@ -22,6 +22,8 @@ from .. import runs
 from ..errors import UqloraError
 from . import batched
 from .base import Adapter, Method, ScoreFn, draw_generator
+
+SCALE_FIT_FILE = "swag-scale.json"  # posterior/ of a swag-scale run: the scale its validation NLL chose
 from .swag_moments import SwagMoments
 
 
@@ -192,6 +194,3 @@ class SwagScaleMethod(SwagMethod):
         if self.fitted_scale is None:
             raise UqloraError("swag-scale: no fitted scale loaded (load_fitted was not called)")
         self.scale = self.fitted_scale
-
-
-SCALE_FIT_FILE = "swag-scale.json"

@@ -201,6 +201,12 @@ def prior_by_validation_nll(blocks, linears, score_fn, val_qs: list[Question], b
     return PRIOR_GRID[best], {f"{p:g}": round(float(v), 6) for p, v in zip(PRIOR_GRID, nll)}
 
 
+def validation_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean NLL of predictive probabilities [N, C] at labels [N], in float64."""
+    picked = probs[torch.arange(len(labels)), labels].double().clamp_min(PROB_FLOOR)  # [N]
+    return float(-picked.log().mean())
+
+
 def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict:
     """T by validation NLL of the base method's predictive draws -> posterior/temperature.json."""
     from ..evaluate import open_run
@@ -221,8 +227,7 @@ def fit_temperature_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict
     temperature = fit_temperature(predictive.draw_probs, labels)
 
     def nll(t: float) -> float:
-        probs = apply_temperature(predictive.draw_probs, t).mean(0)  # [N, C]
-        return float(-probs[torch.arange(len(labels)), labels].double().clamp_min(PROB_FLOOR).log().mean())
+        return validation_nll(apply_temperature(predictive.draw_probs, t).mean(0), labels)
 
     summary = {"temperature": temperature, "base_method": config.base_method, "validation_questions": len(val_qs),
                "draws": predictive.draws, "validation_nll_before": nll(1.0), "validation_nll_after": nll(temperature),
@@ -258,15 +263,19 @@ def fit_swag_scale_run(run_dir: Path, config: TrainConfig, quiet: bool) -> dict:
         probs = predict_probs(method, model, tokenizer, framing, val_qs, accelerator=accelerator,
                               batch_size=config.batch_size, max_length=config.max_length, n_samples=draws,
                               quiet=quiet, desc=f"swag scale {scale:g}").probs  # [N, C]
-        picked = probs[torch.arange(len(labels)), labels].double().clamp_min(PROB_FLOOR)  # [N]
-        nll[scale] = float(-picked.log().mean())
+        nll[scale] = validation_nll(probs, labels)
 
     for scale in SCALE_GRID:
         try_scale(scale)
     while True:
         best = min(nll, key=nll.__getitem__)
-        beyond = {max(nll): max(nll) * SCALE_STEP, min(nll): min(nll) / SCALE_STEP}.get(best)
-        if beyond is None or not SCALE_LIMITS[0] <= beyond <= SCALE_LIMITS[1]:
+        if best == max(nll):
+            beyond = best * SCALE_STEP
+        elif best == min(nll):
+            beyond = best / SCALE_STEP
+        else:
+            break
+        if not SCALE_LIMITS[0] <= beyond <= SCALE_LIMITS[1]:
             break
         try_scale(beyond)
     summary = {"scale": best, "validation_nll": [[s, round(v, 6)] for s, v in sorted(nll.items())],
