@@ -8,7 +8,6 @@ the test launches with torchrun; GPU users use `accelerate launch` (README)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -24,15 +23,14 @@ from conftest import write_jsonl_task
 from uqlora.posthoc.kfac import Factor
 from uqlora.posthoc.logit_store import FILE as LOGIT_FILE
 
-PORTS = itertools.count(29517)  # a fresh rendezvous port per launch: a slow exit cannot clash with the next one
-
-
 def uqlora(*argv, processes: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
     if processes == 1:
         cmd = [sys.executable, "-m", "uqlora.cli", *map(str, argv)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(next(PORTS)), "-m", "uqlora.cli", *map(str, argv)]
+        # --standalone: the rendezvous on a port the OS picks, so launches never clash (a slow exit, another
+        # test session, any program holding a fixed port)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "uqlora.cli", *map(str, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert (result.returncode == 0) == ok, result.stderr[-3000:]
