@@ -6,6 +6,8 @@ first N test questions of its task, it prints per adapted projection (q_proj, v_
 of every forward of the cloze scoring at the posterior mean:
 - |W0 x|, |s·B M z| (the adapter's mean update) and the noise's root mean square size
   sqrt(E|s·B (σ⊙ε) z|²) = s·sqrt(Σ_j |B_:j|² Σ_k σ_jk² z_k²) (exact: the entries of ε are independent);
+- |M z| / |z|: how far the mean E has grown from I (B E A is unchanged by E -> cE, B -> B/c, while the noise's
+  share of the update shrinks by c: the adapter escapes the noise by growing M);
 - the mean σ over the r² entries of E;
 and over S draws of the predictive (draw_generator(seed, 0, s), as `evaluate`): the mean mutual information
 (nats), the mean over questions of the standard deviation over draws of log p(answer), and how often the
@@ -29,10 +31,11 @@ from uqlora.framing import class_scores
 
 
 def layer_sizes(opened, questions) -> dict[str, list[float]]:
-    """Per projection kind: [Σ|W0 x|², Σ|s·B M z|², Σ E|noise|², Σ mean σ, tokens] over the real tokens."""
+    """Per projection kind: [Σ|W0 x|², Σ|s·B M z|², Σ E|noise|², Σ mean σ, tokens, Σ|M z|², Σ|z|²] over the real
+    tokens."""
     method, model = opened.method, opened.model
     method.mask.attach(model)
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0] * 5)
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0] * 7)
     handles = []
     for name, factor in method.factors.items():
         layer = model.get_submodule(name)
@@ -46,7 +49,8 @@ def layer_sizes(opened, questions) -> dict[str, list[float]]:
             z = x @ a.T  # [rows, T, r]
             mean, std = factor.distribution(z)
             mean, std = mean.float().expand(*z.shape, z.shape[-1]), std.float().expand(*z.shape, z.shape[-1])
-            update = s * (mean @ z.unsqueeze(-1)).squeeze(-1) @ b.T  # [rows, T, out]
+            mixed = (mean @ z.unsqueeze(-1)).squeeze(-1)  # M z [rows, T, r]
+            update = s * mixed @ b.T  # [rows, T, out]
             noise_sq = s ** 2 * ((std ** 2 * z.unsqueeze(-2) ** 2).sum(-1) * (b ** 2).sum(0)).sum(-1)  # [rows, T]
             base = module.base_layer(args[0]).float()  # [rows, T, out]
             acc = sums[kind]
@@ -55,6 +59,8 @@ def layer_sizes(opened, questions) -> dict[str, list[float]]:
             acc[2] += noise_sq[real].sum().item()
             acc[3] += std.mean((-2, -1))[real].sum().item()
             acc[4] += real.sum().item()
+            acc[5] += mixed.pow(2).sum(-1)[real].sum().item()
+            acc[6] += z.pow(2).sum(-1)[real].sum().item()
 
         handles.append(layer.register_forward_hook(hook))
     try:
@@ -84,10 +90,12 @@ def main() -> None:
     opened = open_run(args.run, config, "clora", {}, device="cpu", quiet=True)
     questions = load_questions(config["task"], "test")[: args.questions]
     print(f"{args.run}: {len(questions)} test questions of {config['task']}, {args.samples} draws")
-    print(f"{'layer':<8} {'|W0 x|':>9} {'|sBMz|':>9} {'noise':>9} {'noise/upd':>9} {'upd/W0x':>9} {'mean σ':>7}")
-    for kind, (base, update, noise, sigma, n) in sorted(layer_sizes(opened, questions).items()):
+    print(f"{'layer':<8} {'|W0 x|':>9} {'|sBMz|':>9} {'noise':>9} {'noise/upd':>9} {'upd/W0x':>9} {'|Mz|/|z|':>9} "
+          f"{'mean σ':>7}")
+    for kind, (base, update, noise, sigma, n, mixed, z) in sorted(layer_sizes(opened, questions).items()):
         b, u, e = (base / n) ** 0.5, (update / n) ** 0.5, (noise / n) ** 0.5
-        print(f"{kind:<8} {b:9.3f} {u:9.4f} {e:9.4f} {e / u:9.3f} {u / b:9.4f} {sigma / n:7.3f}")
+        print(f"{kind:<8} {b:9.3f} {u:9.4f} {e:9.4f} {e / u:9.3f} {u / b:9.4f} {(mixed / z) ** 0.5:9.3f} "
+              f"{sigma / n:7.3f}")
 
     def score(qs):
         return class_scores(opened.framing, opened.model, opened.tokenizer, qs)
