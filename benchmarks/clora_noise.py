@@ -1,5 +1,5 @@
-"""How much a C-LoRA posterior's noise moves a trained run's layers and answers (BENCHMARKS.md "C-LoRA: why its
-mutual information is near zero", issue 5).
+"""How much a C-LoRA posterior's noise moves a trained run's layers and answers (BENCHMARKS.md "BLoB and C-LoRA
+at 10 epochs", issue 5).
 
 For a clora run (methods/clora.py: h = W0 x + s·B(E z), z = A x, E ~ N(M(z), diag σ(z)²) per token) and the
 first N test questions of its task, it prints per adapted projection (q_proj, v_proj, ...), over the real tokens

@@ -23,6 +23,7 @@ from conftest import write_jsonl_task
 from uqlora.posthoc.kfac import Factor
 from uqlora.posthoc.logit_store import FILE as LOGIT_FILE
 
+
 def uqlora(*argv, processes: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
     if processes == 1:
         cmd = [sys.executable, "-m", "uqlora.cli", *map(str, argv)]
