@@ -30,12 +30,15 @@ from uqlora.evaluate import open_run
 from uqlora.framing import class_scores
 
 
-def layer_sizes(opened, questions) -> dict[str, list[float]]:
-    """Per projection kind: [Σ|W0 x|², Σ|s·B M z|², Σ E|noise|², Σ mean σ, tokens, Σ|M z|², Σ|z|²] over the real
-    tokens."""
+SUMS = ("base", "update", "noise", "sigma", "tokens", "mixed", "z")  # what layer_sizes adds up per projection
+
+
+def layer_sizes(opened, questions) -> dict[str, dict[str, float]]:
+    """Per projection kind, sums over the real tokens: base Σ|W0 x|², update Σ|s·B M z|², noise Σ E|noise|²,
+    sigma Σ (mean σ over E's entries), tokens (their count), mixed Σ|M z|², z Σ|z|²."""
     method, model = opened.method, opened.model
     method.mask.attach(model)
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0] * 7)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(SUMS, 0.0))
     handles = []
     for name, factor in method.factors.items():
         layer = model.get_submodule(name)
@@ -52,15 +55,11 @@ def layer_sizes(opened, questions) -> dict[str, list[float]]:
             mixed = (mean @ z.unsqueeze(-1)).squeeze(-1)  # M z [rows, T, r]
             update = s * mixed @ b.T  # [rows, T, out]
             noise_sq = s ** 2 * ((std ** 2 * z.unsqueeze(-2) ** 2).sum(-1) * (b ** 2).sum(0)).sum(-1)  # [rows, T]
-            base = module.base_layer(args[0]).float()  # [rows, T, out]
-            acc = sums[kind]
-            acc[0] += base.pow(2).sum(-1)[real].sum().item()
-            acc[1] += update.pow(2).sum(-1)[real].sum().item()
-            acc[2] += noise_sq[real].sum().item()
-            acc[3] += std.mean((-2, -1))[real].sum().item()
-            acc[4] += real.sum().item()
-            acc[5] += mixed.pow(2).sum(-1)[real].sum().item()
-            acc[6] += z.pow(2).sum(-1)[real].sum().item()
+            per_token = {"base": module.base_layer(args[0]).float().pow(2).sum(-1), "update": update.pow(2).sum(-1),
+                         "noise": noise_sq, "sigma": std.mean((-2, -1)), "tokens": torch.ones_like(noise_sq),
+                         "mixed": mixed.pow(2).sum(-1), "z": z.pow(2).sum(-1)}  # each [rows, T]
+            for key, value in per_token.items():
+                sums[kind][key] += value[real].sum().item()
 
         handles.append(layer.register_forward_hook(hook))
     try:
@@ -92,10 +91,11 @@ def main() -> None:
     print(f"{args.run}: {len(questions)} test questions of {config['task']}, {args.samples} draws")
     print(f"{'layer':<8} {'|W0 x|':>9} {'|sBMz|':>9} {'noise':>9} {'noise/upd':>9} {'upd/W0x':>9} {'|Mz|/|z|':>9} "
           f"{'mean σ':>7}")
-    for kind, (base, update, noise, sigma, n, mixed, z) in sorted(layer_sizes(opened, questions).items()):
-        b, u, e = (base / n) ** 0.5, (update / n) ** 0.5, (noise / n) ** 0.5
-        print(f"{kind:<8} {b:9.3f} {u:9.4f} {e:9.4f} {e / u:9.3f} {u / b:9.4f} {(mixed / z) ** 0.5:9.3f} "
-              f"{sigma / n:7.3f}")
+    for kind, t in sorted(layer_sizes(opened, questions).items()):
+        n = t["tokens"]
+        b, u, e = (t["base"] / n) ** 0.5, (t["update"] / n) ** 0.5, (t["noise"] / n) ** 0.5
+        print(f"{kind:<8} {b:9.3f} {u:9.4f} {e:9.4f} {e / u:9.3f} {u / b:9.4f} {(t['mixed'] / t['z']) ** 0.5:9.3f} "
+              f"{t['sigma'] / n:7.3f}")
 
     def score(qs):
         return class_scores(opened.framing, opened.model, opened.tokenizer, qs)

@@ -22,9 +22,9 @@ from .. import runs
 from ..errors import UqloraError
 from . import batched
 from .base import Adapter, Method, ScoreFn, draw_generator
+from .swag_moments import SwagMoments
 
 SCALE_FIT_FILE = "swag-scale.json"  # posterior/ of a swag-scale run: the scale its validation NLL chose
-from .swag_moments import SwagMoments
 
 
 def lora_parameters(model, adapter: str = "default") -> list[torch.nn.Parameter]:
