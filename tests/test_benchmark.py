@@ -320,7 +320,7 @@ def test_failed_cell_stops_the_sweep(tmp_path, tiny_model_dir):
     """A cell whose command fails: the sweep stops with one error naming the cell and how to continue."""
     bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
 
-    def fail(argv, log, threads):
+    def fail(argv, log, threads, keep_fds):
         raise UqloraError("the data is gone")
 
     with pytest.raises(UqloraError, match=r"^train map jsonl:.* seed 0 failed: the data is gone\. The finished "
@@ -340,7 +340,7 @@ def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatc
     by_log = {bench.out / "logs" / log_name(c): c for c in cells}
     lock, active, events, threads = threading.Lock(), set(), [], set()
 
-    def fake(argv, log, n_threads):
+    def fake(argv, log, n_threads, keep_fds):
         cell = by_log[log]
         with lock:
             active.add(cell.key)
@@ -368,10 +368,101 @@ def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatc
         run_benchmark(bench, execute=fake, echo=lambda line: None, jobs=0)
 
 
+def write_done_marks(bench, cell) -> None:
+    """The files that make `cell` done (state.py), as its command would leave them."""
+    if cell.step == "evaluate":
+        cell.result.mkdir(parents=True, exist_ok=True)
+        (cell.result / "metrics.json").write_text(json.dumps(
+            {"task": cell.eval_task, "split": bench.eval["split"], "n_bins": bench.eval["n_bins"]}))
+        return
+    cell.run.mkdir(parents=True, exist_ok=True)
+    (cell.run / "config.yaml").write_text(yaml.safe_dump(expected_config(bench, cell.method, cell.task, cell.seed)))
+    if cell.step == "train":
+        (cell.run / "train_summary.json").write_text("{}")
+    elif cell.step == "posthoc":
+        (cell.run / "posterior").mkdir()
+        (cell.run / "posterior" / f"{bench.methods[cell.method].method}.json").write_text("{}")
+
+
+@pytest.fixture
+def fake_sweep(tmp_path, tiny_model_dir, monkeypatch):
+    """The smoke grid with an executor that only writes each cell's done marks (after 20 ms) and counts the runs
+    of each cell; sweeps look at other sweeps' locks every 10 ms; no report. Returns (bench, cells, runs, execute)."""
+    import uqlora.benchmark.runner as runner
+
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(runner, "write_report", lambda bench: bench.out / "report")
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    cells = plan(bench)
+    by_log = {bench.out / "logs" / log_name(c): c for c in cells}
+    runs, count = {}, threading.Lock()
+
+    def execute(argv, log, threads, keep_fds):
+        cell = by_log[log]
+        time.sleep(0.02)
+        write_done_marks(bench, cell)
+        with count:
+            runs[cell.key] = runs.get(cell.key, 0) + 1
+
+    return bench, cells, runs, execute
+
+
+def test_two_sweeps_on_one_out_run_each_cell_once(fake_sweep):
+    """Two sweeps of one grid at once (each cell's lock is an flock of its own open file, so two threads of one
+    process exclude each other as two processes do): every cell runs exactly once in all, and the second sweep
+    says which cells it left to the first."""
+    bench, cells, runs, execute = fake_sweep
+    lines = {"a": [], "b": []}
+    sweeps = [threading.Thread(target=run_benchmark, args=(bench,), kwargs=dict(execute=execute,
+                               echo=lines[name].append, jobs=2)) for name in lines]
+    for sweep in sweeps:
+        sweep.start()
+        time.sleep(0.005)
+    for sweep in sweeps:
+        sweep.join()
+    assert runs == {c.key: 1 for c in cells}
+    shared = [ln for ln in lines["a"] + lines["b"] if "another sweep is running it; waiting" in ln
+              or "done by another sweep" in ln]
+    assert shared and all(cell_state(bench, c) == "done" for c in cells)
+
+
+def test_sweep_waits_for_a_cell_another_process_holds(fake_sweep):
+    """A cell whose lock is held elsewhere (a sweep's cell still running after its sweep was killed): --dry-run
+    shows it busy, without reading its folder; the sweep runs the rest and waits; when the holder has finished it
+    and lets go, the cell counts as done, not run again, and what reads it runs."""
+    from uqlora.benchmark.lock import try_lock
+    from uqlora.benchmark.runner import cell_name
+
+    bench, cells, runs, execute = fake_sweep
+    first = cells[0]
+    held = try_lock(bench.out, cell_name(first))
+    first.run.mkdir(parents=True)  # a training just begun: no config.yaml yet, which a free cell would be refused for
+    dry = []
+    run_benchmark(bench, dry_run=True, echo=dry.append)
+    assert f"  busy    {first.label}" in dry and "          (another sweep is running it)" in dry
+    lines = []
+    sweep = threading.Thread(target=run_benchmark, args=(bench,), kwargs=dict(execute=execute, echo=lines.append))
+    sweep.start()
+    time.sleep(0.5)
+    readers = [c for c in cells if first.run in c.inputs]
+    assert readers and sweep.is_alive() and first.key not in runs and not any(c.key in runs for c in readers)
+    assert any(ln.endswith(f"{first.label}: another sweep is running it; waiting") for ln in lines)
+    write_done_marks(bench, first)
+    held.release()
+    sweep.join(timeout=30)
+    assert not sweep.is_alive()
+    assert runs == {c.key: 1 for c in cells if c is not first}
+    assert any(ln.endswith(f"{first.label}: done by another sweep") for ln in lines)
+
+
 def test_subprocess_executor_logs_and_reports_errors(tmp_path):
     """run_subprocess: the command's output goes to the log; a failure raises its `error:` line and the log path."""
     log = tmp_path / "logs" / "cell.log"
-    run_subprocess(["tasks"], log)
+    inherited = os.open(tmp_path, os.O_RDONLY)  # as a cell's lock: the command's process inherits it
+    try:
+        run_subprocess(["tasks"], log, keep_fds=(inherited,))
+    finally:
+        os.close(inherited)
     assert log.read_text().startswith("$ uqlora tasks\n") and "obqa" in log.read_text()
     with pytest.raises(UqloraError, match=r"`uqlora combine` exited with status 2: error: combine needs at least "
                                           r"two runs \(output: .*cell.log\)"):

@@ -7,7 +7,9 @@ runs it in this process instead (the tests: no interpreter start per cell; peak 
 OMP_NUM_THREADS = CPU cores // jobs unless it is set: on the 2-core machines two one-thread jobs do more work than
 one two-thread job (BENCHMARKS.md). A failing cell stops the sweep with its error once the running cells are
 finished, and leaves the finished cells in place; running the benchmark again skips them, resumes an interrupted
-training, and redoes an interrupted post-hoc fit (state.py).
+training, and redoes an interrupted post-hoc fit (state.py). Several sweeps may share one OUT (say, one per task):
+a cell another sweep is running is locked (lock.py); this sweep waits for it and then takes it as that sweep left
+it (done, or interrupted).
 """
 
 from __future__ import annotations
@@ -24,32 +26,37 @@ from typing import Callable
 
 from ..errors import UqloraError
 from .config import Benchmark
+from .lock import CellLock, is_locked, try_lock
 from .plan import Cell, plan
 from .report import write_report
 from .state import DONE, REDO, RESUME, RUN, cell_state
 
-# (uqlora arguments, log file, threads: OMP_NUM_THREADS for the cell or None) -> None; UqloraError on failure
-Executor = Callable[[list[str], Path, "int | None"], None]
+# (uqlora arguments, log file, threads: OMP_NUM_THREADS for the cell or None, descriptors the cell's process must
+# hold: its lock) -> None; UqloraError on failure
+Executor = Callable[[list[str], Path, "int | None", "tuple[int, ...]"], None]
 ACTION = {RUN: "running", RESUME: "resuming the interrupted training",
           REDO: "removed the unfinished folder, running again"}
+BUSY = "busy"  # the state of a cell another sweep is running
+POLL_SECONDS = 10.0  # how often a sweep waiting for another's cells looks at their locks again
 
 
-def run_subprocess(argv: list[str], log: Path, threads: int | None = None) -> None:
-    """`python -m uqlora.cli ARGV` in its own process (with OMP_NUM_THREADS=threads if given), stdout and stderr to
-    `log`."""
+def run_subprocess(argv: list[str], log: Path, threads: int | None = None, keep_fds: tuple[int, ...] = ()) -> None:
+    """`python -m uqlora.cli ARGV` in its own process (with OMP_NUM_THREADS=threads if given, inheriting the
+    descriptors `keep_fds`), stdout and stderr to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w", encoding="utf-8") as out:
         out.write(f"$ uqlora {shlex.join(argv)}\n")
         out.flush()
         code = subprocess.run([sys.executable, "-m", "uqlora.cli", *argv], stdout=out, stderr=subprocess.STDOUT,
-                              env=env, check=False).returncode
+                              env=env, pass_fds=keep_fds, check=False).returncode
     if code != 0:
         raise UqloraError(f"`uqlora {argv[0]}` exited with status {code}: {_last_error(log)} (output: {log})")
 
 
-def run_in_process(argv: list[str], log: Path, threads: int | None = None) -> None:
-    """The cell's command in this process (exceptions propagate; nothing is logged; `threads` is not applied)."""
+def run_in_process(argv: list[str], log: Path, threads: int | None = None, keep_fds: tuple[int, ...] = ()) -> None:
+    """The cell's command in this process (exceptions propagate; nothing is logged; `threads` is not applied; the
+    lock stays with this process anyway)."""
     from ..cli import COMMANDS, build_parser
 
     args = build_parser().parse_args(argv)
@@ -71,7 +78,8 @@ def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool 
     if jobs < 1:
         raise UqloraError(f"--jobs must be >= 1, got {jobs}")
     cells = plan(part or bench)
-    states = [cell_state(bench, cell) for cell in cells]  # refuses mismatched runs before anything runs
+    # refuses mismatched runs before anything runs; a cell another sweep runs now is looked at when it is free
+    states = [BUSY if is_locked(bench.out, cell_name(cell)) else cell_state(bench, cell) for cell in cells]
     if dry_run:
         _print_plan(bench, cells, states, echo)
         return None
@@ -94,12 +102,14 @@ def cell_threads(jobs: int) -> int | None:
 
 
 def _run_cells(bench: Benchmark, todo: list[tuple[Cell, str]], execute: Executor, echo, jobs: int) -> None:
-    """The cells in plan order, up to `jobs` at once, each once the unfinished runs it reads are made."""
+    """The cells in plan order, up to `jobs` at once, each once the unfinished runs it reads are made and no other
+    sweep holds its lock."""
     # the runs and eval folders still to be made -> the cell that makes them
     makers = {cell.result if cell.step == "evaluate" else cell.run: cell.key for cell, _ in todo}
     finished: set[tuple[str, str]] = set()
     pending = list(enumerate(todo, 1))
-    running: dict = {}  # future -> cell
+    running: dict = {}  # future -> (cell, its lock)
+    elsewhere: set[tuple[str, str]] = set()  # cells found locked by another sweep (and said so)
     failure: BaseException | None = None
     threads = cell_threads(jobs)
 
@@ -108,17 +118,40 @@ def _run_cells(bench: Benchmark, todo: list[tuple[Cell, str]], execute: Executor
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
+            waiting = False  # for a cell another sweep holds
             if failure is None:
-                for item in [it for it in pending if ready(it[1][0])][:jobs - len(running)]:
+                for item in [it for it in pending if ready(it[1][0])]:
+                    if len(running) == jobs:
+                        break
+                    i, (cell, _) = item
+                    prefix = f"[{i}/{len(todo)}]"
+                    lock = try_lock(bench.out, cell_name(cell))
+                    if lock is None:
+                        waiting = True
+                        if cell.key not in elsewhere:
+                            elsewhere.add(cell.key)
+                            echo(f"{prefix} {cell.label}: another sweep is running it; waiting")
+                        continue
                     pending.remove(item)
-                    i, (cell, state) = item
-                    future = pool.submit(_run_cell, bench, cell, state, execute, threads, f"[{i}/{len(todo)}]", echo)
-                    running[future] = cell
+                    state = cell_state(bench, cell)  # again: another sweep may have finished or begun it
+                    if state == DONE:
+                        lock.release()
+                        finished.add(cell.key)
+                        echo(f"{prefix} {cell.label}: done by another sweep")
+                        continue
+                    future = pool.submit(_run_cell, bench, cell, state, execute, threads, lock, prefix, echo)
+                    running[future] = (cell, lock)
             if not running:
+                if waiting:
+                    time.sleep(POLL_SECONDS)
+                    continue
+                if failure is None and any(ready(cell) for _, (cell, _) in pending):
+                    continue  # cells another sweep finished made more ready
                 break  # after a failure: nothing more starts
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=POLL_SECONDS if waiting else None, return_when=FIRST_COMPLETED)
             for future in done:
-                cell = running.pop(future)
+                cell, lock = running.pop(future)
+                lock.release()
                 try:
                     future.result()
                     finished.add(cell.key)
@@ -128,8 +161,8 @@ def _run_cells(bench: Benchmark, todo: list[tuple[Cell, str]], execute: Executor
         raise failure
 
 
-def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, threads: int | None, prefix: str,
-              echo) -> None:
+def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, threads: int | None, lock: CellLock,
+              prefix: str, echo) -> None:
     argv = list(cell.argv)
     if state == RESUME:
         argv = ["train", "--out", str(cell.run), "--resume", "--quiet"]
@@ -138,7 +171,7 @@ def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, threa
     echo(f"{prefix} {cell.label}: {ACTION[state]}")
     start = time.perf_counter()
     try:
-        execute(argv, bench.out / "logs" / log_name(cell), threads)
+        execute(argv, bench.out / "logs" / log_name(cell), threads, (lock.fd,))
     except UqloraError as err:
         raise UqloraError(f"{cell.label} failed: {err}. The finished cells are kept; `uqlora benchmark "
                           f"{bench.path}` continues from there") from None
@@ -148,10 +181,14 @@ def _run_cell(bench: Benchmark, cell: Cell, state: str, execute: Executor, threa
     echo(f"{prefix} {cell.label}: done in {time.perf_counter() - start:.1f} s")
 
 
-def log_name(cell: Cell) -> str:
-    """OUT/logs/TASK-RUN-STEP[-EVALFOLDER].log: one file per cell."""
+def cell_name(cell: Cell) -> str:
+    """TASK-RUN-STEP[-EVALFOLDER]: the name of the cell's log (OUT/logs/NAME.log) and lock (OUT/locks/NAME.lock)."""
     name = f"{cell.run.parent.name}-{cell.run.name}-{cell.step}"
-    return name + (f"-{cell.result.name}" if cell.result is not None else "") + ".log"
+    return name + (f"-{cell.result.name}" if cell.result is not None else "")
+
+
+def log_name(cell: Cell) -> str:
+    return cell_name(cell) + ".log"
 
 
 def _print_plan(bench: Benchmark, cells: list[Cell], states: list[str], echo) -> None:
@@ -162,5 +199,7 @@ def _print_plan(bench: Benchmark, cells: list[Cell], states: list[str], echo) ->
         echo(f"  {state:6s}  {cell.label}")
         if state == RESUME:
             echo(f"          uqlora train --out {shlex.quote(str(cell.run))} --resume --quiet")
+        elif state == BUSY:
+            echo("          (another sweep is running it)")
         elif state != DONE:
             echo(f"          {cell.command}")
