@@ -258,6 +258,47 @@ def test_resume_matches_uninterrupted(tmp_path, clora_run, tiny_model_dir, task)
         assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+@pytest.mark.parametrize("context", ["on", "off"])
+def test_context_lr_steps_the_posterior_by_plain_sgd(tmp_path, tiny_model_dir, task, monkeypatch, context):
+    """clora_context_lr > 0: AdamW holds LoRA's A and B only, the E posteriors' parameters (4 tensors a layer with
+    the context network, M and ρ without) none of them; after each AdamW step each of those moves by exactly
+    −lr · factor · its gradient (factor: the run's warm-up/decay schedule at that step, as `lr_factor` computes it)
+    and its gradient is cleared; a resumed run equals the uninterrupted one bit for bit (plain SGD keeps no state)."""
+    import uqlora.train as train_module
+
+    real_adamw, real_sgd_step = torch.optim.AdamW, train_module.sgd_step
+    adamw_params, sgd_params, steps = [], [], []
+
+    def recording_adamw(params, **kw):
+        adamw_params[:] = list(params)
+        return real_adamw(adamw_params, **kw)
+
+    def checked_sgd_step(params, lr, factor, accelerator):
+        before = [(p.detach().clone(), p.grad.detach().clone()) for p in params]
+        real_sgd_step(params, lr, factor, accelerator)
+        sgd_params[:] = params
+        steps.append((lr, factor))
+        for p, (value, grad) in zip(params, before):
+            assert p.grad is None and torch.allclose(p, value - lr * factor * grad, rtol=0, atol=1e-7)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    monkeypatch.setattr(train_module, "sgd_step", checked_sgd_step)
+    cfg = config_for(tiny_model_dir, task, clora_context=context, clora_context_lr=0.05)
+    run = train(cfg, tmp_path / "whole", quiet=True)
+    assert adamw_params and all(p.ndim == 2 and RANK in p.shape for p in adamw_params)
+    assert len(sgd_params) == (2 if context == "on" else 1) * len(adamw_params)
+    assert not {id(p) for p in sgd_params} & {id(p) for p in adamw_params}
+    total = 4  # 16 questions, batches of 4, one epoch
+    assert steps == [(0.05, train_module.lr_factor(i, total, round(cfg.warmup_ratio * total))) for i in range(total)]
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "resumed", quiet=True, step_hook=stop_at(3))
+    train(cfg, tmp_path / "resumed", resume=True, quiet=True)
+    for name in ("posterior/clora.safetensors", "adapter/adapter_model.safetensors"):
+        resumed, whole = load_file(tmp_path / "resumed" / name), load_file(run / name)
+        assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 def test_context_off_trains_and_evaluates_from_the_cli(tmp_path, tiny_model_dir, task):
     """`--clora-context off`: the posterior holds one learned M and ρ per layer; evaluate samples it."""
     run = tmp_path / "off"

@@ -110,6 +110,10 @@ class TrainConfig(LoraRunOptions):
                                        "authors' code: 0.2)")
     clora_kl_weight: float = _opt(1e-6, "clora: β, the weight of a question's KL (summed over its real tokens and "
                                         "the adapted layers, ~1e5-1e6 terms for SmolLM2-135M) against its NLL")
+    clora_context_lr: float = _opt(0.0, "clora: > 0, the E posterior's parameters (context network, or the fixed M "
+                                        "and ρ) take their own plain SGD step on the objective's gradient at this lr "
+                                        "times the run's warm-up/decay factor, outside AdamW and its clipping (the "
+                                        "authors' code: SGD at 0.02); 0: in AdamW with the LoRA weights")
 
     blob_prior_std: float = _opt(0.2, "blob: standard deviation σp of the prior N(0, σp²) on every LoRA A entry "
                                       "(BLoB: 0.2)")
@@ -163,6 +167,8 @@ class TrainConfig(LoraRunOptions):
             raise UqloraError(f"config: clora_hidden must be >= 1, clora_prior_std finite and > 0, clora_kl_weight "
                               f"finite and >= 0; got {self.clora_hidden}, {self.clora_prior_std}, "
                               f"{self.clora_kl_weight}")
+        if not 0 <= self.clora_context_lr < math.inf:
+            raise UqloraError(f"config: clora_context_lr must be finite and >= 0, got {self.clora_context_lr}")
 
     def _validate_blob(self) -> None:
         if not (0 < self.blob_prior_std < math.inf and 0 < self.blob_init_g < math.inf):

@@ -143,6 +143,18 @@ def optimizer_step(loss: float, params: list[torch.nn.Parameter], optimizer, max
     optimizer.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def sgd_step(params: list[torch.nn.Parameter], lr: float, factor: float, accelerator) -> None:
+    """p -= lr · factor · (gradient summed over processes), unclipped, for a method's own SGD parameters."""
+    if not params:
+        return
+    _all_reduce_grads(params, accelerator)
+    for p in params:
+        if p.grad is not None:
+            p.sub_(p.grad, alpha=lr * factor)
+            p.grad = None
+
+
 def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False,
           step_hook: Callable[[int], None] | None = None) -> Path:
     """Train `config` into `run_dir` (or continue it with resume=True); returns the run directory.
@@ -242,7 +254,8 @@ def _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hoo
                                     target_modules=config.lora_targets))
     if accelerator.process_index > 0:  # the same initialisation everywhere, but each process its own dropout/noise
         torch.manual_seed(int(np.random.SeedSequence([config.seed, accelerator.process_index]).generate_state(1)[0]))
-    params = [p for p in model.parameters() if p.requires_grad]
+    own, _ = method.sgd_parameters()  # stepped by plain SGD in _fit, not by AdamW
+    params = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in own)]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     progress, best_state, method_state = Progress(), None, {}
     if resume:
@@ -290,6 +303,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
                 loss_sum += losses.detach().sum().to(loss_sum.device)
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / len(step_idx)
             optimizer_step(loss, params, optimizer, config.max_grad_norm, accelerator, progress)
+            sgd_step(*method.sgd_parameters(), lr_factor(progress.global_step, total, warmup), accelerator)
             progress.global_step += 1
             progress.step_in_epoch = step + 1
             method.on_step_end(model, progress.global_step)

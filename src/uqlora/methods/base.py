@@ -1,7 +1,8 @@
 """The protocol every method follows (DESIGN.md "One protocol for every method").
 
 A method sees a model and a function from questions to class scores [B, C]; it never reads files. Its life:
-    training   prepare -> on_train_start -> (learning_rate, scoring + loss, on_step_end) per step -> on_train_end
+    training   prepare -> on_train_start -> (learning_rate, scoring + loss, [sgd_parameters' step], on_step_end) per
+               step -> on_train_end
                -> state_dict() saved in the run's posterior/ (training_state() in checkpoints, for --resume)
     evaluation bind(model, adapters) with each adapter's posterior -> predict per batch of questions
 Ensembles (`member_method`) are trained as independent runs of the member method, one per seed.
@@ -72,6 +73,11 @@ class Method:
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-question training loss [B] from scores [B, C] and labels [B]; extra terms are added by subclasses."""
         return F.cross_entropy(scores, labels, reduction="none")
+
+    def sgd_parameters(self) -> tuple[list[torch.nn.Parameter], float]:
+        """Trainable parameters the run steps by plain SGD at their own lr (times the warm-up/decay factor) after
+        each AdamW step, outside AdamW and its clipping, and that lr (C-LoRA's E posterior); by default none."""
+        return [], 0.0
 
     def on_step_end(self, model, step: int) -> None:
         """Called after every optimizer step (e.g. SWAG moment collection); `step` counts from 1."""

@@ -188,12 +188,17 @@ class CLoraMethod(Method):
         nll = F.cross_entropy(scores, labels, reduction="none")  # [B]
         return nll + self._settings().clora_kl_weight * self.tally.take() / len(nll)
 
+    def sgd_parameters(self) -> tuple[list[nn.Parameter], float]:
+        """With clora_context_lr > 0, the E posteriors' parameters, by plain SGD at that lr (the authors' code)."""
+        lr = self._settings().clora_context_lr
+        return ([p for factor in self.factors.values() for p in factor.parameters()] if lr > 0 else []), lr
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{k}": v.detach().to("cpu", copy=True).contiguous()
                 for name, factor in self.factors.items() for k, v in factor.state_dict().items()}
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        return {}  # the E factors are trainable parameters: checkpoints keep them with their AdamW moments
+        return {}  # the E factors are trainable parameters: checkpoints keep them (and AdamW's moments, or none: SGD)
 
     # ---- evaluation ----
     def bind(self, model, adapters: list[Adapter], *, seed: int = 0) -> None:
