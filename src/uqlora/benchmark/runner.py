@@ -133,7 +133,11 @@ def _run_cells(bench: Benchmark, todo: list[tuple[Cell, str]], execute: Executor
                             echo(f"{prefix} {cell.label}: another sweep is running it; waiting")
                         continue
                     pending.remove(item)
-                    state = cell_state(bench, cell)  # again: another sweep may have finished or begun it
+                    try:
+                        state = cell_state(bench, cell)  # again: another sweep may have finished or begun it
+                    except UqloraError:
+                        lock.release()
+                        raise
                     if state == DONE:
                         lock.release()
                         finished.add(cell.key)
