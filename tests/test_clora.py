@@ -45,7 +45,7 @@ def clora_run(tmp_path_factory, tiny_model_dir, task):
     return train(config_for(tiny_model_dir, task), tmp_path_factory.mktemp("r") / "clora", quiet=True)
 
 
-def wrapped_model(model_dir, context="on", kl_weight=1e-6, random_b=True):
+def wrapped_model(model_dir, context="on", kl_weight=1e-6, random_b=True, mean_init="identity"):
     """A fresh PEFT model of the tiny Llama (LoRA dropout 0), its LoRA B random (not 0) unless random_b is False,
     a deep copy before wrapping, and the prepared C-LoRA method."""
     from uqlora.models import add_lora, load_model
@@ -60,17 +60,19 @@ def wrapped_model(model_dir, context="on", kl_weight=1e-6, random_b=True):
                     p.normal_(0, 0.5)
     plain = copy.deepcopy(model)
     method = get_method("clora", TrainConfig(method="clora", lora_r=RANK, clora_context=context,
-                                             clora_kl_weight=kl_weight))
+                                             clora_kl_weight=kl_weight, clora_mean_init=mean_init))
     return method.prepare(model), plain, method, tokenizer
 
 
-def by_hand_distribution(factor, z: torch.Tensor):
-    """Eq. (2) in float64 from the factor's weights: M(z) [.., r, r] and σ(z) = sigmoid(ρ(z))²."""
+def by_hand_distribution(factor, z: torch.Tensor, mean_init="identity"):
+    """Eq. (2) in float64 from the factor's weights: M(z) [.., r, r] (I + the network's output, or the output
+    alone for the random start) and σ(z) = sigmoid(ρ(z))²."""
     post, r = factor.posterior, z.shape[-1]
     if hasattr(post, "hidden"):
         h = torch.relu(z.double() @ post.hidden.weight.double().T + post.hidden.bias.double())
         out = h @ post.out.weight.double().T + post.out.bias.double()  # [.., 2r²]
-        mean = out[..., : r * r].unflatten(-1, (r, r)) + torch.eye(r, dtype=torch.float64)
+        centre = torch.eye(r, dtype=torch.float64) if mean_init == "identity" else 0
+        mean = out[..., : r * r].unflatten(-1, (r, r)) + centre
         rho = out[..., r * r:].unflatten(-1, (r, r))
     else:
         mean, rho = post.mean.double(), post.rho.double()
@@ -87,17 +89,22 @@ def predictions(run, name):
     return [json.loads(line) for line in (run / "eval" / name / "predictions.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("context", ["on", "off"])
-def test_kl_is_its_closed_form_over_real_tokens(tiny_model_dir, context):
-    """One layer's KL = Σ over real tokens and the r² entries of log(σp/σ) + (σ² + (M − I)²)/(2σp²) − 1/2, with M
-    and σ from the weights by hand (float64); changing the padded positions' inputs changes nothing."""
-    _, _, method, _ = wrapped_model(tiny_model_dir, context)
+@pytest.mark.parametrize("context, mean_init", [("on", "identity"), ("off", "identity"), ("on", "random"),
+                                               ("off", "random")])
+def test_kl_is_its_closed_form_over_real_tokens(tiny_model_dir, context, mean_init):
+    """One layer's KL = Σ over real tokens and the r² entries of log(σp/σ) + (σ² + (M − c)²)/(2σp²) − 1/2, with M
+    and σ from the weights by hand (float64) and the prior's centre c = I (identity start) or 0 (random start:
+    then M does not start at I); changing the padded positions' inputs changes nothing."""
+    _, _, method, _ = wrapped_model(tiny_model_dir, context, mean_init=mean_init)
     factor = next(iter(method.factors.values()))
     z = torch.randn(2, 5, RANK)  # [rows, T, r]
     method.mask.mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # row 0 left-padded by 2
-    mean, std = by_hand_distribution(factor, z)
+    mean, std = by_hand_distribution(factor, z, mean_init)
+    eye = torch.eye(RANK, dtype=torch.float64)
+    centre = eye if mean_init == "identity" else 0
+    assert (mean - eye).abs().max() > 0.5 if mean_init == "random" else torch.allclose(mean.expand(2, 5, RANK, RANK), eye)
     prior = factor.prior_std
-    per_entry = (math.log(prior) - torch.log(std) + (std ** 2 + (mean - torch.eye(RANK, dtype=torch.float64)) ** 2)
+    per_entry = (math.log(prior) - torch.log(std) + (std ** 2 + (mean - centre) ** 2)
                  / (2 * prior ** 2) - 0.5)  # [rows, T, r, r] (context off: [r, r] for every token)
     expected = (per_entry.expand(2, 5, RANK, RANK).sum((-2, -1)) * method.mask.mask).sum()
     kl = factor.kl(*factor.distribution(z), z)

@@ -110,6 +110,10 @@ class TrainConfig(LoraRunOptions):
                                        "authors' code: 0.2)")
     clora_kl_weight: float = _opt(1e-6, "clora: β, the weight of a question's KL (summed over its real tokens and "
                                         "the adapted layers, ~1e5-1e6 terms for SmolLM2-135M) against its NLL")
+    clora_mean_init: str = _opt("identity", "clora: the start of E's mean and the prior's centre: identity (M = I, "
+                                            "prior N(I, σp²): the layer starts as plain LoRA) or random (the authors' "
+                                            "code: M as PyTorch starts the context network's output, small random "
+                                            "entries; prior N(0, σp²))")
     clora_context_lr: float = _opt(0.0, "clora: > 0, the E posterior's parameters (context network, or the fixed M "
                                         "and ρ) take their own plain SGD step on the objective's gradient at this lr "
                                         "times the run's warm-up/decay factor, outside AdamW and its clipping (the "
@@ -167,6 +171,8 @@ class TrainConfig(LoraRunOptions):
             raise UqloraError(f"config: clora_hidden must be >= 1, clora_prior_std finite and > 0, clora_kl_weight "
                               f"finite and >= 0; got {self.clora_hidden}, {self.clora_prior_std}, "
                               f"{self.clora_kl_weight}")
+        if self.clora_mean_init not in ("identity", "random"):
+            raise UqloraError(f"config: clora_mean_init must be identity or random, got {self.clora_mean_init!r}")
         if not 0 <= self.clora_context_lr < math.inf:
             raise UqloraError(f"config: clora_context_lr must be finite and >= 0, got {self.clora_context_lr}")
 

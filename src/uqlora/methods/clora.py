@@ -40,6 +40,7 @@ invariance allows and shrinks the noise's share of the update by as much, so the
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,30 +58,35 @@ FACTORS_ATTR = "e_factors"
 
 
 class ContextPosterior(nn.Module):
-    """Eq. (2): M(z) and ρ(z) of every token from its low-rank features z [..., r]."""
+    """Eq. (2): M(z) and ρ(z) of every token from its low-rank features z [..., r]. `centre` I [r, r] (M = I + the
+    network's output, which starts at 0) or None (M = the output, from PyTorch's init: the authors' code)."""
 
-    def __init__(self, rank: int, hidden: int):
+    def __init__(self, rank: int, hidden: int, centre: torch.Tensor | None):
         super().__init__()
         self.rank = rank
         self.hidden = nn.Linear(rank, hidden)
-        self.out = nn.Linear(hidden, 2 * rank * rank)  # [M(z) − I, ρ(z)], flattened
-        with torch.no_grad():  # M = I at the start (plain LoRA); ρ keeps PyTorch's init, σ ≈ sigmoid(0)² = 1/4
-            self.out.weight[: rank * rank].zero_()
-            self.out.bias[: rank * rank].zero_()
+        self.out = nn.Linear(hidden, 2 * rank * rank)  # [M(z) − centre, ρ(z)], flattened
+        self.register_buffer("centre", centre, persistent=False)
+        if centre is not None:
+            with torch.no_grad():  # M = I at the start (plain LoRA); ρ keeps PyTorch's init, σ ≈ sigmoid(0)² = 1/4
+                self.out.weight[: rank * rank].zero_()
+                self.out.bias[: rank * rank].zero_()
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.out(F.relu(self.hidden(z)))  # [..., 2r²]
         delta, rho = out.unflatten(-1, (2, self.rank, self.rank)).unbind(-3)  # each [..., r, r]
-        return delta + torch.eye(self.rank, dtype=z.dtype, device=z.device), rho
+        return (delta if self.centre is None else delta + self.centre.to(delta.dtype)), rho
 
 
 class FixedPosterior(nn.Module):
-    """The ablation (--clora-context off): one learned M and ρ [r, r] for every token, M = I and ρ = 0
-    (σ = 1/4, what the context network's ρ starts near) at the start."""
+    """The ablation (--clora-context off): one learned M and ρ [r, r] for every token; ρ = 0 at the start (σ = 1/4,
+    what the context network's ρ starts near), M = `centre` (I) or, without one, entries U(−1/√H, 1/√H), as
+    PyTorch starts the context network's output bias (the random start)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, hidden: int, centre: torch.Tensor | None):
         super().__init__()
-        self.mean = nn.Parameter(torch.eye(rank))
+        bound = 1 / math.sqrt(hidden)
+        self.mean = nn.Parameter(centre.clone() if centre is not None else torch.empty(rank, rank).uniform_(-bound, bound))
         self.rho = nn.Parameter(torch.zeros(rank, rank))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,10 +102,12 @@ class EFactor(nn.Module):
     """E between A and B of one LoRA layer: z -> E z, E drawn per token from the draws of `draws` (prediction) or
     the global RNG in training mode; E = M in eval mode without draws."""
 
-    def __init__(self, posterior: nn.Module, prior_std: float, mask: TokenMask, tally: KlTally | None):
+    def __init__(self, posterior: nn.Module, prior_std: float, identity_prior: bool, mask: TokenMask,
+                 tally: KlTally | None):
         super().__init__()
         self.posterior = posterior
         self.prior_std = prior_std
+        self.identity_prior = identity_prior  # the prior N(I, σp²) (else N(0, σp²), the authors')
         self.mask = mask  # the model's real tokens (plain attributes, not submodules)
         self.tally = tally  # None: no KL (evaluation)
         self.draws: batched.DrawBatch | None = None  # prediction: the posterior draws of the current forward
@@ -123,8 +131,8 @@ class EFactor(nn.Module):
 
     def kl(self, mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Eq. (3)'s KL of this layer, summed over the real tokens of z [rows, T, r] (float32 scalar)."""
-        eye = torch.eye(z.shape[-1], device=z.device)
-        per_token = gaussian_kl(mean.float() - eye, std.float(), self.prior_std).sum((-2, -1))  # [rows, T] or []
+        offset = mean.float() - torch.eye(z.shape[-1], device=z.device) if self.identity_prior else mean.float()
+        per_token = gaussian_kl(offset, std.float(), self.prior_std).sum((-2, -1))  # [rows, T] or []
         return (per_token * self.mask.positions(z).float()).sum()
 
 
@@ -166,8 +174,11 @@ class CLoraMethod(Method):
         for name, layer in layers.items():
             b = layer.lora_B[adapter]
             rank = b.in_features
-            posterior = ContextPosterior(rank, cfg.clora_hidden) if cfg.clora_context == "on" else FixedPosterior(rank)
-            factor = EFactor(posterior, cfg.clora_prior_std, self.mask, tally).to(b.weight.device, b.weight.dtype)
+            identity = cfg.clora_mean_init == "identity"
+            centre = torch.eye(rank) if identity else None
+            kind = ContextPosterior if cfg.clora_context == "on" else FixedPosterior
+            factor = EFactor(kind(rank, cfg.clora_hidden, centre), cfg.clora_prior_std, identity, self.mask,
+                             tally).to(b.weight.device, b.weight.dtype)
             factor.train(model.training)
             getattr(model, FACTORS_ATTR)[name.replace(".", "/")] = factor
             b.register_forward_pre_hook(functools.partial(_e_pre_hook, factor))
