@@ -211,7 +211,7 @@ def test_peak_memory_recorded_and_na_for_older_runs(grid, tmp_path):
 
 def test_cli_dry_run_and_report_only(grid, capsys):
     """`uqlora benchmark CONFIG --dry-run` lists every cell as done (with --methods/--seeds: the part's cells);
-    --report-only rewrites the report."""
+    --report-only rewrites the report, in OUT/REPORT for a config with `report: REPORT`, the same tables."""
     bench = grid[0]
     assert main(["benchmark", str(bench.path), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -222,6 +222,13 @@ def test_cli_dry_run_and_report_only(grid, capsys):
     part = plan(subset(bench, methods=["map"], seeds=[0]))
     assert main(["benchmark", str(bench.path), "--dry-run", "--methods", "map", "--seeds", "0"]) == 0
     assert capsys.readouterr().out.startswith(f"{bench.path}: {len(part)} cells ({len(part)} done)")
+    named = bench.path.with_name("named.yaml")
+    settings = {**yaml.safe_load(bench.path.read_text()), "report": "report-b"}
+    named.write_text(yaml.safe_dump(settings, sort_keys=False))
+    assert main(["benchmark", str(named), "--report-only"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {bench.out / 'report-b' / 'report.md'}"
+    assert read_csv(bench.out / "report-b" / "in_distribution.csv") == read_csv(bench.out / "report" /
+                                                                             "in_distribution.csv")
 
 
 BAD_CONFIGS = [
@@ -241,6 +248,8 @@ BAD_CONFIGS = [
     ({"methods": {"m": {"method": "map", "options": {"clora_context": False}}}}, "methods.m: clora_context"),
     ({"methods": {"laplace": {}}}, "methods.laplace.method 'laplace' is not trained by `uqlora train`"),
     ({"shift": {"train_task": "arc-c", "eval_tasks": ["obqa"]}}, "shift.train_task 'arc-c' must be one of tasks"),
+    ({"report": "runs"}, "report must be a folder name (letters, digits, _.+-) other than runs, logs and locks"),
+    ({"report": "../up"}, "report must be a folder name"),
 ]
 
 
@@ -273,6 +282,15 @@ def test_shipped_configs_plan(tmp_path):
     evals = [c for c in cells if c.step == "evaluate"]
     assert len(evals) == len(bench.methods) * 3 * (3 + 6)
     assert len({c.result for c in evals}) == len(evals)
+    # configs/smollm2-cpu-clora.yaml: C-LoRA variants in the same out (its map and clora runs are the grid's own),
+    # its report in a folder of its own
+    variants = load_benchmark(REPO / "configs" / "smollm2-cpu-clora.yaml")
+    assert variants.out == bench.out and variants.report == "report-clora" and bench.report == "report"
+    shared = {c.run: c.argv for c in cells if c.step == "train"}
+    for cell in (c for c in plan(variants) if c.step == "train" and c.method in ("map", "clora")):
+        assert shared[cell.run] == cell.argv
+    authors = expected_config(variants, "clora-authors", "obqa", 0)
+    assert (authors["clora_context_lr"], authors["clora_mean_init"]) == (0.02, "random")
 
 
 def test_subset_plans_the_selected_cells_and_what_they_start_from():

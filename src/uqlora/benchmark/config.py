@@ -23,7 +23,7 @@ from ..data.tasks import get_task
 from ..errors import UqloraError
 
 TOP_KEYS = {"model": True, "scale": True, "out": True, "seeds": True, "tasks": True, "methods": True,
-            "train": False, "eval": False, "shift": False}  # key -> required
+            "train": False, "eval": False, "shift": False, "report": False}  # key -> required
 # set by the benchmark for every cell: not allowed in `train` or a method's `options`
 RESERVED = ("model", "task", "seed", "method", "base_method")
 EVAL_DEFAULTS = {"split": "test", "max_examples": None, "n_bins": 15, "batch_size": 8}
@@ -68,6 +68,7 @@ class Benchmark:
     eval: dict  # split, max_examples, n_bins, batch_size
     methods: dict[str, MethodSpec]  # in the file's order
     shift: Shift | None = None
+    report: str = "report"  # the report folder's name in `out` (configs that share an out each keep their own)
 
     def where(self, key: str) -> str:
         return f"{self.path}: {key}"
@@ -93,11 +94,19 @@ def load_benchmark(path: str | Path) -> Benchmark:
         out=Path(_text(data["out"], f"{path}: out")), seeds=_seeds(data["seeds"], f"{path}: seeds"), tasks=tasks,
         train=_train_options(data.get("train"), f"{path}: train", model, tasks[0]),
         eval=_eval_options(data.get("eval"), f"{path}: eval"), methods=methods,
-        shift=_shift(data.get("shift"), f"{path}: shift", tasks))
+        shift=_shift(data.get("shift"), f"{path}: shift", tasks),
+        report=_report_name(data.get("report", "report"), f"{path}: report"))
     from .plan import check_methods  # the entries against the configs their runs will hold (plan imports us)
 
     check_methods(bench)
     return bench
+
+
+def _report_name(value, where: str) -> str:
+    if not isinstance(value, str) or not NAME.match(value) or value in ("runs", "logs", "locks"):
+        raise UqloraError(f"{where} must be a folder name (letters, digits, _.+-) other than runs, logs and locks, "
+                          f"got {value!r}")
+    return value
 
 
 def _mapping(value, where: str) -> dict:

@@ -39,11 +39,12 @@ MISSING = "–"
 
 
 def write_report(bench: Benchmark) -> Path:
-    """Write OUT/report/ from the finished evaluations; returns the folder."""
+    """Write OUT/REPORT/ (REPORT: the config's `report`, default report) from the finished evaluations; returns the
+    folder."""
     evals, missing = evaluations(bench)
     if not evals:
         raise UqloraError(f"nothing to report: no evaluation of {bench.path} has finished yet")
-    out = bench.out / "report"
+    out = bench.out / bench.report
     methods = list(bench.methods)
     parts = [_header(bench), _scores_part(bench, evals, IN_DISTRIBUTION, out)]
     if bench.shift:

@@ -23,6 +23,9 @@ says: H = 64, σp = 0.2, σ = sigmoid(ρ)², one training draw, 10 predictive dr
 - M starts at I (W2's mean rows are zero) and the prior is centred at I: the layer starts as plain LoRA, and the
   KL costs nothing for plain LoRA with σ = σp. The code's mean starts random and its prior is N(0, σp²); as
   B E A is unchanged by E -> cE, B -> B/c, a zero-centred prior cannot shrink the update, only raise the noise.
+  `clora_mean_init random` is the code's start and prior.
+- One AdamW for A, B and the context network. The code trains the context network (so M and σ) by its own plain
+  SGD at 0.02 with the run's warm-up/decay, outside AdamW: `clora_context_lr 0.02`.
 - The KL sums over real tokens only (the code also sums it over padding), and β is one constant per question
   (the code scales the KL by 1e-6 / 65 and a per-step reweighting, and the NLL by per-dataset factors). The
   default β = 1e-6 is ours: a question's KL has r² terms per real token and adapted layer (~1e5-1e6 for
