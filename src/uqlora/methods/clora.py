@@ -89,7 +89,8 @@ class FixedPosterior(nn.Module):
     def __init__(self, rank: int, hidden: int, centre: torch.Tensor | None):
         super().__init__()
         bound = 1 / math.sqrt(hidden)
-        self.mean = nn.Parameter(centre.clone() if centre is not None else torch.empty(rank, rank).uniform_(-bound, bound))
+        start = centre.clone() if centre is not None else torch.empty(rank, rank).uniform_(-bound, bound)
+        self.mean = nn.Parameter(start)
         self.rho = nn.Parameter(torch.zeros(rank, rank))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
