@@ -259,12 +259,17 @@ def test_run_directory_and_reproducible_predictions(clora_run, task):
 
 def test_resume_matches_uninterrupted(tmp_path, clora_run, tiny_model_dir, task):
     """Checkpoint at step 2, interrupted after step 3, resumed: the same adapter and posterior, bit for bit."""
-    cfg = config_for(tiny_model_dir, task)
+    assert_resume_matches(config_for(tiny_model_dir, task), tmp_path / "run", clora_run)
+
+
+def assert_resume_matches(cfg, run_dir, whole_run) -> None:
+    """Train `cfg` into `run_dir`, interrupted after step 3 (checkpoint at 2) and resumed: the adapter and the
+    posterior equal those of the uninterrupted `whole_run`, bit for bit."""
     with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "run", quiet=True, step_hook=stop_at(3))
-    train(cfg, tmp_path / "run", resume=True, quiet=True)
+        train(cfg, run_dir, quiet=True, step_hook=stop_at(3))
+    train(cfg, run_dir, resume=True, quiet=True)
     for name in ("posterior/clora.safetensors", "adapter/adapter_model.safetensors"):
-        resumed, whole = load_file(tmp_path / "run" / name), load_file(clora_run / name)
+        resumed, whole = load_file(run_dir / name), load_file(whole_run / name)
         assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
@@ -300,13 +305,7 @@ def test_context_lr_steps_the_posterior_by_plain_sgd(tmp_path, tiny_model_dir, t
     assert not {id(p) for p in sgd_params} & {id(p) for p in adamw_params}
     total = 4  # 16 questions, batches of 4, one epoch
     assert steps == [(0.05, train_module.lr_factor(i, total, round(cfg.warmup_ratio * total))) for i in range(total)]
-
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "resumed", quiet=True, step_hook=stop_at(3))
-    train(cfg, tmp_path / "resumed", resume=True, quiet=True)
-    for name in ("posterior/clora.safetensors", "adapter/adapter_model.safetensors"):
-        resumed, whole = load_file(tmp_path / "resumed" / name), load_file(run / name)
-        assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert_resume_matches(cfg, tmp_path / "resumed", run)
 
 
 def test_context_off_trains_and_evaluates_from_the_cli(tmp_path, tiny_model_dir, task):
