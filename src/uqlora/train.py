@@ -254,8 +254,8 @@ def _train_one(config, run_dir, base, data, accelerator, resume, quiet, step_hoo
                                     target_modules=config.lora_targets))
     if accelerator.process_index > 0:  # the same initialisation everywhere, but each process its own dropout/noise
         torch.manual_seed(int(np.random.SeedSequence([config.seed, accelerator.process_index]).generate_state(1)[0]))
-    own, _ = method.sgd_parameters()  # stepped by plain SGD in _fit, not by AdamW
-    params = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in own)]
+    own = {id(p) for p in method.sgd_parameters()[0]}  # stepped by plain SGD in _fit, not by AdamW
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     progress, best_state, method_state = Progress(), None, {}
     if resume:
@@ -276,6 +276,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
     log_path = run_dir / runs.TRAIN_LOG
     rank, world = accelerator.process_index, accelerator.num_processes
     method.on_train_start(model, total, steps_per_epoch)
+    sgd_params, sgd_lr = method.sgd_parameters()  # the method's own SGD step after each AdamW step (none: no-op)
     if method_state:
         method.load_training_state(method_state)
 
@@ -303,7 +304,7 @@ def _fit(config, run_dir, model, tokenizer, framing, method, optimizer, params, 
                 loss_sum += losses.detach().sum().to(loss_sum.device)
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / len(step_idx)
             optimizer_step(loss, params, optimizer, config.max_grad_norm, accelerator, progress)
-            sgd_step(*method.sgd_parameters(), lr_factor(progress.global_step, total, warmup), accelerator)
+            sgd_step(sgd_params, sgd_lr, lr_factor(progress.global_step, total, warmup), accelerator)
             progress.global_step += 1
             progress.step_in_epoch = step + 1
             method.on_step_end(model, progress.global_step)

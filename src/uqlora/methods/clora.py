@@ -93,6 +93,7 @@ class FixedPosterior(nn.Module):
         bound = 1 / math.sqrt(hidden)
         start = centre.clone() if centre is not None else torch.empty(rank, rank).uniform_(-bound, bound)
         self.mean = nn.Parameter(start)
+        self.register_buffer("centre", centre, persistent=False)
         self.rho = nn.Parameter(torch.zeros(rank, rank))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,12 +109,10 @@ class EFactor(nn.Module):
     """E between A and B of one LoRA layer: z -> E z, E drawn per token from the draws of `draws` (prediction) or
     the global RNG in training mode; E = M in eval mode without draws."""
 
-    def __init__(self, posterior: nn.Module, prior_std: float, identity_prior: bool, mask: TokenMask,
-                 tally: KlTally | None):
+    def __init__(self, posterior: nn.Module, prior_std: float, mask: TokenMask, tally: KlTally | None):
         super().__init__()
         self.posterior = posterior
         self.prior_std = prior_std
-        self.identity_prior = identity_prior  # the prior N(I, σp²) (else N(0, σp²), the authors')
         self.mask = mask  # the model's real tokens (plain attributes, not submodules)
         self.tally = tally  # None: no KL (evaluation)
         self.draws: batched.DrawBatch | None = None  # prediction: the posterior draws of the current forward
@@ -137,7 +136,8 @@ class EFactor(nn.Module):
 
     def kl(self, mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Eq. (3)'s KL of this layer, summed over the real tokens of z [rows, T, r] (float32 scalar)."""
-        offset = mean.float() - torch.eye(z.shape[-1], device=z.device) if self.identity_prior else mean.float()
+        centre = self.posterior.centre  # the prior's mean: I, or None for 0 (the authors')
+        offset = mean.float() if centre is None else mean.float() - centre.float()
         per_token = gaussian_kl(offset, std.float(), self.prior_std).sum((-2, -1))  # [rows, T] or []
         return (per_token * self.mask.positions(z).float()).sum()
 
@@ -180,10 +180,9 @@ class CLoraMethod(Method):
         for name, layer in layers.items():
             b = layer.lora_B[adapter]
             rank = b.in_features
-            identity = cfg.clora_mean_init == "identity"
-            centre = torch.eye(rank) if identity else None
+            centre = torch.eye(rank) if cfg.clora_mean_init == "identity" else None  # of E's start and prior
             kind = ContextPosterior if cfg.clora_context == "on" else FixedPosterior
-            factor = EFactor(kind(rank, cfg.clora_hidden, centre), cfg.clora_prior_std, identity, self.mask,
+            factor = EFactor(kind(rank, cfg.clora_hidden, centre), cfg.clora_prior_std, self.mask,
                              tally).to(b.weight.device, b.weight.dtype)
             factor.train(model.training)
             getattr(model, FACTORS_ATTR)[name.replace(".", "/")] = factor
