@@ -6,7 +6,8 @@ backward) and one evaluation batch (no grad), for three set-ups:
 - fp32, the model's own forward (every position's logits: what the framings did before head.py);
 - fp32 with the head applied to the needed positions only (the default now);
 - bf16 weights (eager attention on the CPU, models._attention) with the same head path; LoRA weights in fp32.
-It prints the median seconds of each, the ratios to the first, and how far the scores of each are from the first.
+It prints the median seconds of each, the ratios to the first, and how far the scores of each are from the first,
+below a line naming the CPU's kind: bf16 is fast only with bf16 matrix instructions (models.cpu_bf16_warning).
 
     .venv/bin/python benchmarks/cpu_dtype.py [--questions 48] [--batch 8] [--repeats 2] [--threads N]
 """
@@ -22,7 +23,7 @@ import torch
 from uqlora.data import load_questions
 from uqlora.framing import cloze_scores
 from uqlora.head import SEPARABLE, causal_lm
-from uqlora.models import add_lora, load_model
+from uqlora.models import add_lora, cpu_bf16_warning, load_model
 
 SETUPS = (("fp32, model's forward", "float32", False), ("fp32, head where needed", "float32", True),
           ("bf16, head where needed", "bfloat16", True))
@@ -75,6 +76,9 @@ def main() -> None:
     base = SETUPS[0][0]
     print(f"{len(questions)} ARC-C train questions, batches of {args.batch}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} repeats after a warm-up")
+    emulated = cpu_bf16_warning(torch.device("cpu"), torch.bfloat16) is not None
+    print(f"PyTorch's CPU capability: {torch.backends.cpu.get_cpu_capability()}; bf16 matrix instructions "
+          f"(AVX512-BF16 or AMX): {'no, bf16 is emulated' if emulated else 'yes, or not an x86 CPU'}")
     print("| set-up | train step (s) | speed-up | eval batch (s) | speed-up | max abs prob. diff vs first |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, _, _ in SETUPS:

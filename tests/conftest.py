@@ -119,3 +119,12 @@ def stop_at(step: int):
         if global_step == step:
             raise Interrupt
     return hook
+
+
+def pretend_cpu(monkeypatch, machine: str, avx512_bf16: bool, amx: bool) -> None:
+    """What models.cpu_bf16_warning reads of the CPU, set to a machine of the test's choosing."""
+    import uqlora.models
+
+    monkeypatch.setattr(uqlora.models.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)

@@ -25,7 +25,7 @@ import yaml
 
 import uqlora.evaluate
 import uqlora.train
-from conftest import REPO, write_jsonl_task
+from conftest import REPO, pretend_cpu, write_jsonl_task
 from uqlora.benchmark import load_benchmark, run_benchmark
 from uqlora.benchmark.plan import expected_config, plan, run_dir, subset
 from uqlora.benchmark.runner import log_name, run_in_process, run_subprocess
@@ -344,6 +344,27 @@ def test_failed_cell_stops_the_sweep(tmp_path, tiny_model_dir):
     with pytest.raises(UqloraError, match=r"^train map jsonl:.* seed 0 failed: the data is gone\. The finished "
                                           r"cells are kept; `uqlora benchmark .*` continues from there$"):
         run_benchmark(bench, execute=fail, echo=lambda line: None)
+
+
+def test_sweep_warns_of_emulated_bf16_before_running(tmp_path, tiny_model_dir, monkeypatch):
+    """A grid training in bf16 on a CPU without bf16 units (models.cpu_bf16_warning, pretended here): the sweep
+    says so before its first cell runs; a dry run (nothing runs) does not."""
+    pretend_cpu(monkeypatch, "x86_64", False, False)
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    bench = dataclasses.replace(bench, train={**bench.train, "dtype": "bfloat16"})
+    lines = []
+
+    def fail(argv, log, threads, keep_fds):
+        lines.append("first cell")
+        raise UqloraError("stop here")
+
+    with pytest.raises(UqloraError, match="stop here"):
+        run_benchmark(bench, execute=fail, echo=lines.append)
+    assert lines[1].startswith("warning: --dtype bfloat16 on a CPU without bf16")
+    assert lines.index("first cell") > 1
+    dry = []
+    run_benchmark(bench, dry_run=True, echo=dry.append)
+    assert not any(line.startswith("warning") for line in dry)
 
 
 def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatch):

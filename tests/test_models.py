@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import pretend_cpu
 from uqlora.errors import UqloraError
-from uqlora.models import (_CONVERTED_MARKER, add_lora, convert_gguf, default_framing, load_model, pick_dtype,
-                           resolve_model)
+from uqlora.models import (_CONVERTED_MARKER, add_lora, convert_gguf, cpu_bf16_warning, default_framing, load_model,
+                           pick_dtype, resolve_model)
 
 
 def test_alias_resolves_to_packaged_gguf():
@@ -71,6 +72,34 @@ def test_dtype_choice():
     assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(UqloraError, match="unknown --dtype"):
         pick_dtype("int3", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("machine, avx512_bf16, amx, device, dtype, warns", [
+    ("x86_64", False, False, "cpu", torch.bfloat16, True),  # AVX2 only: bf16 emulated
+    ("AMD64", False, False, "cpu", torch.bfloat16, True),  # Windows' name for it
+    ("x86_64", True, False, "cpu", torch.bfloat16, False),  # AVX512-BF16
+    ("x86_64", False, True, "cpu", torch.bfloat16, False),  # AMX
+    ("x86_64", False, False, "cpu", torch.float32, False),
+    ("x86_64", False, False, "cuda", torch.bfloat16, False),
+    ("aarch64", False, False, "cpu", torch.bfloat16, False),  # the probes are x86 flags: nothing to tell there
+])
+def test_bf16_warning_only_where_the_cpu_lacks_bf16_units(monkeypatch, machine, avx512_bf16, amx, device, dtype,
+                                                          warns):
+    """The decision table of the slow-bf16 warning, and that it names the fix."""
+    pretend_cpu(monkeypatch, machine, avx512_bf16, amx)
+    message = cpu_bf16_warning(torch.device(device), dtype)
+    assert (message is not None) == warns
+    if warns:
+        assert "--dtype float32" in message
+
+
+def test_load_model_warns_of_emulated_bf16(monkeypatch, capsys, tiny_model_dir):
+    """Loading in bf16 on a CPU without bf16 units prints one warning line to stderr, and still loads."""
+    pretend_cpu(monkeypatch, "x86_64", False, False)
+    model, _ = load_model(str(tiny_model_dir), dtype="bf16", device="cpu", quiet=True)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "bf16 matrix instructions" in warnings[0]
 
 
 def test_lora_options_reach_peft(tiny_model_dir):

@@ -17,7 +17,9 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import platform
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +171,25 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+_X86 = {"x86_64", "amd64", "i386", "i686"}
+
+
+def cpu_bf16_warning(device: torch.device, dtype: torch.dtype) -> str | None:
+    """A warning for bf16 on an x86 CPU without bf16 matrix instructions (AVX512-BF16 or AMX), where PyTorch
+    emulates bf16 arithmetic: a SmolLM2 LoRA step took 18x as long as in fp32 on an AVX2-only EPYC (BENCHMARKS.md
+    "bf16 on a CPU without bf16 units"), while CPUs with the units run it about twice as fast as fp32. None where
+    there is nothing to warn of, or where PyTorch cannot tell (other architectures, other PyTorch versions)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or platform.machine().lower() not in _X86:
+        return None
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if None in probes or any(probe() for probe in probes):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f"--dtype bfloat16 on a CPU without bf16 matrix instructions (no AVX512-BF16 or AMX; PyTorch uses "
+            f"{capability} here): bf16 is emulated, measured 18x slower than float32 for a LoRA step; "
+            "use --dtype float32 (a benchmark config: train: {dtype: float32})")
+
+
 def _attention(device: torch.device, dtype: torch.dtype) -> dict:
     """`eager` attention for half precision on the CPU: PyTorch's fused CPU attention backward is about four times
     slower in bf16 than in fp32 (SmolLM2 LoRA step: 1.3 s of 3.9 s), while the eager matmuls use the CPU's bf16
@@ -188,6 +209,9 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", quiet: b
     location = str(convert_gguf(source.gguf_file, quiet)) if source.gguf_file else source.location
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    slow_bf16 = cpu_bf16_warning(torch_device, torch_dtype)
+    if slow_bf16:
+        print(f"warning: {slow_bf16}", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UqloraError
+from ..models import cpu_bf16_warning, pick_device, pick_dtype
 from .config import Benchmark
 from .lock import CellLock, is_locked, try_lock
 from .plan import Cell, plan
@@ -87,10 +88,20 @@ def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool 
         todo = [(cell, state) for cell, state in zip(cells, states) if state != DONE]
         at_a_time = f", {jobs} at a time" if jobs > 1 else ""
         echo(f"{bench.path}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run{at_a_time}")
+        slow_bf16 = _training_dtype_warning(bench) if todo else None
+        if slow_bf16:
+            echo(f"warning: {slow_bf16}")
         _run_cells(bench, todo, execute, echo, jobs)
     report = write_report(bench)
     echo(f"report: {report / 'report.md'}")
     return report
+
+
+def _training_dtype_warning(bench: Benchmark) -> str | None:
+    """models.cpu_bf16_warning for the grid's shared `train` dtype and device (each cell's own log has it too,
+    but a sweep's user reads this output)."""
+    device = pick_device(bench.train.get("device", "auto"))
+    return cpu_bf16_warning(device, pick_dtype(bench.train.get("dtype", "auto"), device))
 
 
 def cell_threads(jobs: int) -> int | None:
