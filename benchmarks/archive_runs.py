@@ -8,8 +8,9 @@ checkpoints) and no plots: they are large, and a run is remade from its config a
     .venv/bin/python benchmarks/archive_runs.py runs/benchmark/smollm2-cpu-3ep/runs benchmarks/results/smollm2-cpu-3ep
 
 Copied back into OUT/runs, the archive makes `uqlora benchmark CONFIG --report-only` write the same report, and its
-finished cells count as done. Its runs have no weights: to evaluate one again, remove its folder (and those of
-the runs made from it), and the benchmark trains it again.
+finished cells count as done. Its runs have no weights: a sweep whose remaining cells read one of them (an
+evaluation, a post-hoc fit, an ensemble) names it and stops before running anything; remove its folder, and the
+benchmark trains it again.
 """
 
 from __future__ import annotations

@@ -407,8 +407,9 @@ def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatc
         run_benchmark(bench, execute=fake, echo=lambda line: None, jobs=0)
 
 
-def write_done_marks(bench, cell) -> None:
-    """The files that make `cell` done (state.py), as its command would leave them."""
+def write_done_marks(bench, cell, weights: bool = True) -> None:
+    """The files that make `cell` done (state.py), as its command would leave them (weights: False, as an archive of
+    text files leaves them: no adapter folder)."""
     if cell.step == "evaluate":
         cell.result.mkdir(parents=True, exist_ok=True)
         (cell.result / "metrics.json").write_text(json.dumps(
@@ -416,6 +417,8 @@ def write_done_marks(bench, cell) -> None:
         return
     cell.run.mkdir(parents=True, exist_ok=True)
     (cell.run / "config.yaml").write_text(yaml.safe_dump(expected_config(bench, cell.method, cell.task, cell.seed)))
+    if weights:  # where the weights would be (combine: the members')
+        (cell.run / ("members/0/adapter" if cell.step == "combine" else "adapter")).mkdir(parents=True)
     if cell.step == "train":
         (cell.run / "train_summary.json").write_text("{}")
     elif cell.step == "posthoc":
@@ -444,6 +447,36 @@ def fake_sweep(tmp_path, tiny_model_dir, monkeypatch):
             runs[cell.key] = runs.get(cell.key, 0) + 1
 
     return bench, cells, runs, execute
+
+
+def test_runs_without_weights_are_named_before_anything_runs(tmp_path, tiny_model_dir):
+    """Finished trainings copied without their weights (benchmarks/archive_runs.py keeps text files only), with
+    their evaluations still to run: the sweep runs nothing and names every such run in one error; a dry run notes
+    them; the same runs with their adapters are taken as they are."""
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    cells = plan(bench)
+    trainings = [c for c in cells if c.step == "train"]
+    for cell in trainings:
+        write_done_marks(bench, cell, weights=False)
+    ran = []
+    with pytest.raises(UqloraError) as refused:
+        run_benchmark(bench, execute=lambda *args: ran.append(args), echo=lambda line: None)
+    assert not ran
+    message = str(refused.value)
+    assert f"{len(trainings)} finished run(s) hold no weights" in message
+    assert all(str(c.run) in message for c in trainings)
+    notes = []
+    run_benchmark(bench, dry_run=True, echo=notes.append)
+    assert any(line.startswith("  note: ") and "holds no weights" in line for line in notes)
+
+    for cell in trainings:
+        (cell.run / "adapter").mkdir()
+
+    def stop(argv, log, threads, keep_fds):
+        raise UqloraError("first cell reached")
+
+    with pytest.raises(UqloraError, match="first cell reached"):
+        run_benchmark(bench, execute=stop, echo=lambda line: None)
 
 
 def test_two_sweeps_on_one_out_run_each_cell_once(fake_sweep):

@@ -30,7 +30,7 @@ from .config import Benchmark
 from .lock import CellLock, is_locked, try_lock
 from .plan import Cell, plan
 from .report import write_report
-from .state import DONE, REDO, RESUME, RUN, cell_state
+from .state import DONE, REDO, RESUME, RUN, cell_state, weightless_inputs
 
 # (uqlora arguments, log file, threads: OMP_NUM_THREADS for the cell or None, descriptors the cell's process must
 # hold: its lock) -> None; UqloraError on failure
@@ -81,9 +81,16 @@ def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool 
     cells = plan(part or bench)
     # refuses mismatched runs before anything runs; a cell another sweep runs now is looked at when it is free
     states = [BUSY if is_locked(bench.out, cell_name(cell)) else cell_state(bench, cell) for cell in cells]
+    weightless = weightless_inputs(cells, states)
     if dry_run:
         _print_plan(bench, cells, states, echo)
+        _print_weightless(weightless, echo)
         return None
+    if weightless and not report_only:
+        needed = sorted({str(run) for _, run in weightless})
+        raise UqloraError(f"{len(needed)} finished run(s) hold no weights (copied from an archive of text files?), "
+                          f"and cells still to run read them (first: {weightless[0][0].label}): {', '.join(needed)}. "
+                          "Remove those folders and run again: the benchmark trains them anew")
     if not report_only:
         todo = [(cell, state) for cell, state in zip(cells, states) if state != DONE]
         at_a_time = f", {jobs} at a time" if jobs > 1 else ""
@@ -204,6 +211,17 @@ def cell_name(cell: Cell) -> str:
 
 def log_name(cell: Cell) -> str:
     return cell_name(cell) + ".log"
+
+
+def _print_weightless(weightless: list[tuple[Cell, Path]], echo) -> None:
+    """The dry run's note on each finished run without weights that cells still to run read (state.py)."""
+    readers: dict[Path, list[str]] = {}
+    for cell, run in weightless:
+        readers.setdefault(run, []).append(cell.label)
+    for run, labels in readers.items():
+        more = ", ..." if len(labels) > 1 else ""
+        echo(f"  note: {run} holds no weights, and {len(labels)} cell(s) still to run read it ({labels[0]}{more}): "
+             "remove that folder to train it again")
 
 
 def _print_plan(bench: Benchmark, cells: list[Cell], states: list[str], echo) -> None:

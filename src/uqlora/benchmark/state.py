@@ -7,11 +7,15 @@ cell would write (never mix runs made with other settings into the tables): othe
     redo     an interrupted training before its first checkpoint, or an interrupted post-hoc fit (`uqlora
              posthoc` has no checkpoint): the partial folder is removed and the cell runs again
     run      nothing there yet
+
+A finished run copied without its weights (benchmarks/archive_runs.py keeps text files only) is done as far as its
+own cell goes; a cell still to run that reads it is refused before the sweep starts (weightless_inputs).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .. import runs
 from ..config import from_mapping
@@ -79,3 +83,20 @@ def _eval_state(bench: Benchmark, cell: Cell) -> str:
         raise UqloraError(f"{path} was evaluated with other settings than {bench.path} asks for: "
                           f"{'; '.join(differ)}. Remove its folder to evaluate again")
     return DONE
+
+
+def has_weights(run: Path) -> bool:
+    """Whether a run holds the weights that its evaluations and the runs made from it read: its adapter, or every
+    member's (ensembles and their post-hoc fits)."""
+    members = run / runs.MEMBERS
+    if members.is_dir():
+        folders = [m for m in members.iterdir() if m.is_dir()]
+        return bool(folders) and all((m / runs.ADAPTER).is_dir() for m in folders)
+    return (run / runs.ADAPTER).is_dir()
+
+
+def weightless_inputs(cells: list[Cell], states: list[str]) -> list[tuple[Cell, Path]]:
+    """(cell, run) for every cell still to run that reads a finished run holding no weights."""
+    made = {cell.run: state for cell, state in zip(cells, states) if cell.step != "evaluate"}
+    return [(cell, run) for cell, state in zip(cells, states) if state != DONE
+            for run in cell.inputs if made.get(run) == DONE and not has_weights(run)]
