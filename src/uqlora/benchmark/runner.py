@@ -81,12 +81,12 @@ def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool 
     cells = plan(part or bench)
     # refuses mismatched runs before anything runs; a cell another sweep runs now is looked at when it is free
     states = [BUSY if is_locked(bench.out, cell_name(cell)) else cell_state(bench, cell) for cell in cells]
-    weightless = weightless_inputs(cells, states)
+    weightless = [] if report_only else weightless_inputs(cells, states)  # the report reads no weights
     if dry_run:
         _print_plan(bench, cells, states, echo)
         _print_weightless(weightless, echo)
         return None
-    if weightless and not report_only:
+    if weightless:
         needed = sorted({str(run) for _, run in weightless})
         raise UqloraError(f"{len(needed)} finished run(s) hold no weights (copied from an archive of text files?), "
                           f"and cells still to run read them (first: {weightless[0][0].label}): {', '.join(needed)}. "
