@@ -293,6 +293,44 @@ def test_shipped_configs_plan(tmp_path):
     assert (authors["clora_context_lr"], authors["clora_mean_init"]) == (0.02, "random")
 
 
+def test_fp32_config_is_the_bf16_grid_in_fp32():
+    """configs/smollm2-cpu-fp32.yaml extends configs/smollm2-cpu.yaml: the same cells and commands, with
+    `--dtype float32` in place of bfloat16 and its own out (a grid's runs share one precision)."""
+    bf16 = load_benchmark(REPO / "configs" / "smollm2-cpu.yaml")
+    fp32 = load_benchmark(REPO / "configs" / "smollm2-cpu-fp32.yaml")
+    assert fp32.out != bf16.out and fp32.methods == bf16.methods and fp32.shift == bf16.shift
+    assert fp32.train == {**bf16.train, "dtype": "float32"} and fp32.eval == bf16.eval
+    def in_fp32(text):
+        return str(text).replace(str(bf16.out), str(fp32.out)).replace("bfloat16", "float32")
+
+    expected = {tuple(map(in_fp32, c.key)): [in_fp32(a) for a in c.argv] for c in plan(bf16)}
+    assert {c.key: [str(a) for a in c.argv] for c in plan(fp32)} == expected
+
+
+def test_extends_merges_train_and_eval_and_replaces_the_rest(tmp_path):
+    """`extends: FILE` (relative to the extending file): `train` and `eval` merged option by option, any other key
+    replaced whole; a missing base and a cycle are errors naming the file."""
+    base = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "train": {**base["train"], "lr": 0.01}},
+                                                       sort_keys=False))
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": "../base.yaml", "seeds": [5], "train": {"epochs": 2},
+                                     "eval": {"n_bins": 7}}))
+    bench, parent = load_benchmark(child), load_benchmark(tmp_path / "base.yaml")
+    assert bench.seeds == (5,) and bench.methods == parent.methods and bench.tasks == parent.tasks
+    assert bench.train == {**parent.train, "epochs": 2} and bench.train["lr"] == 0.01
+    assert bench.eval == {**parent.eval, "n_bins": 7}
+    child.write_text(yaml.safe_dump({"extends": "nowhere.yaml"}))
+    with pytest.raises(UqloraError, match="extends .*nowhere.yaml, which does not exist"):
+        load_benchmark(child)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"extends": "loop2.yaml"}))
+    (tmp_path / "loop2.yaml").write_text(yaml.safe_dump({"extends": "loop.yaml"}))
+    with pytest.raises(UqloraError, match="a cycle"):
+        load_benchmark(loop)
+
+
 def test_subset_plans_the_selected_cells_and_what_they_start_from():
     """`--methods/--tasks/--seeds`: exactly the full plan's cells of the selected entries (plus the runs they start
     from), tasks and seeds, with the same folders and commands; a shift evaluation needs both of its tasks."""

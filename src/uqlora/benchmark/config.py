@@ -23,7 +23,8 @@ from ..data.tasks import get_task
 from ..errors import UqloraError
 
 TOP_KEYS = {"model": True, "scale": True, "out": True, "seeds": True, "tasks": True, "methods": True,
-            "train": False, "eval": False, "shift": False, "report": False}  # key -> required
+            "train": False, "eval": False, "shift": False, "report": False, "extends": False}  # key -> required
+MERGED_KEYS = ("train", "eval")  # `extends`: merged option by option; every other key replaces the base's
 # set by the benchmark for every cell: not allowed in `train` or a method's `options`
 RESERVED = ("model", "task", "seed", "method", "base_method")
 EVAL_DEFAULTS = {"split": "test", "max_examples": None, "n_bins": 15, "batch_size": 8}
@@ -77,7 +78,7 @@ class Benchmark:
 def load_benchmark(path: str | Path) -> Benchmark:
     """Read and validate the benchmark file `path` (relative `out`: from the current directory)."""
     path = Path(path)
-    data = read_yaml(path)
+    data = _read_extended(path, ())
     for key in sorted(set(data) - set(TOP_KEYS)):
         raise UqloraError(f"{path}: unknown key {key!r}; valid keys: {', '.join(TOP_KEYS)}")
     for key in (k for k, required in TOP_KEYS.items() if required and k not in data):
@@ -100,6 +101,23 @@ def load_benchmark(path: str | Path) -> Benchmark:
 
     check_methods(bench)
     return bench
+
+
+def _read_extended(path: Path, seen: tuple[Path, ...]) -> dict:
+    """The YAML of `path` on top of the file its `extends` names (relative to `path`'s folder), recursively."""
+    data = read_yaml(path)
+    if "extends" not in data:
+        return data
+    base_path = path.parent / _text(data.pop("extends"), f"{path}: extends")
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise UqloraError(f"{path}: extends {base_path}, which extends {path} again (a cycle)")
+    if not base_path.is_file():
+        raise UqloraError(f"{path}: extends {base_path}, which does not exist (the path is relative to {path.parent})")
+    base = _read_extended(base_path, seen + (path.resolve(),))
+    for key in MERGED_KEYS:
+        if key in data and key in base:
+            data[key] = {**_mapping(base[key], f"{base_path}: {key}"), **_mapping(data[key], f"{path}: {key}")}
+    return {**base, **data}
 
 
 def _report_name(value, where: str) -> str:
