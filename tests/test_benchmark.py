@@ -35,7 +35,7 @@ from uqlora.errors import UqloraError
 from uqlora.evaluation.ood import ood_report
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-METHODS = ["map", "mc-dropout", "temperature", "ensemble"]
+METHODS = ["map", "mc-dropout", "temperature", "ensemble", "ensemble-mix"]
 SCORES = ("accuracy", "ece", "nll", "brier")
 REPORT_FILES = ("report.md", "in_distribution.csv", "shift.csv", "results.csv", "ood.csv", "cost.csv",
                 "reliability.png")
@@ -114,12 +114,16 @@ def test_interrupted_sweep_resumes_without_redoing(grid):
 
 
 def test_grid_trains_ensemble_members_beyond_the_seeds(grid):
-    """Seeds 0, 1 with 2-member ensembles: map is trained on seeds 0, 1, 2 of each task, evaluated on 0 and 1."""
+    """Seeds 0, 1 with 2-member ensembles: map is trained on seeds 0, 1, 2 of each task, evaluated on 0 and 1, and on
+    seed 2 only for the mix (its members' evaluations, on every task the ensemble is evaluated on)."""
     bench = grid[0]
     cells = plan(bench)
     trained = sorted((c.task, c.seed) for c in cells if c.step == "train")
     assert trained == sorted((t, s) for t in bench.tasks for s in (0, 1, 2))
-    assert {c.seed for c in cells if c.step == "evaluate"} == {0, 1}
+    beyond = [c for c in cells if c.step == "evaluate" and c.seed == 2]
+    assert {c.seed for c in cells if c.step == "evaluate"} == {0, 1, 2}
+    assert {(c.method, c.note) for c in beyond} == {("map", "member of ensemble seed 1, ensemble-mix seed 1")}
+    assert len(beyond) == len(bench.tasks) + 1  # in-distribution, and the shift task of tasks[0]
     combined = json.loads((run_dir(bench, "ensemble", bench.tasks[0], 1) / "train_summary.json").read_text())
     assert combined["combined_from"] == [str(run_dir(bench, "map", bench.tasks[0], s)) for s in (1, 2)]
 
@@ -141,7 +145,8 @@ def test_report_files_and_rows(grid):
     assert all(float(cost["map"][f"{q}_ratio"]) == 1.0 for q in ("train_seconds", "predict_seconds", "train_peak"))
     ood = read_csv(report / "ood.csv")
     assert {(r["method"], r["score"]) for r in ood if r["score"] == "mutual_information"} == {
-        ("mc-dropout", "mutual_information"), ("ensemble", "mutual_information")}
+        ("mc-dropout", "mutual_information"), ("ensemble", "mutual_information"),
+        ("ensemble-mix", "mutual_information")}
     text = (report / "report.md").read_text()
     assert "Scale `smoke`" in text and "## OOD detection" in text and "Missing" not in text
     assert (report / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -163,6 +168,33 @@ def test_report_equals_compare_aggregate(grid, tmp_path):
                 assert float(table[method][f"{label}:{key}"]) == float(row[key])
                 assert float(table[method][f"{label}:{key}_std"]) == float(row[key + "_std"])
             assert table[method][f"{label}:runs"] == row["runs"] == "2"
+
+
+def test_mix_equals_the_combined_ensemble(grid):
+    """ensemble-mix (`uqlora mix` of the members' evaluations) and ensemble (`uqlora combine`, then `uqlora
+    evaluate` running both members) give the same probabilities, mutual information and metrics, on every task and
+    seed; the mix records its members' folders and the sum of their prediction seconds."""
+    bench = grid[0]
+    cells = {(c.method, c.task, c.seed, c.eval_task): c for c in plan(bench) if c.step == "evaluate"}
+    pairs = [(c, cells[("ensemble-mix", *key[1:])]) for key, c in cells.items() if key[0] == "ensemble"]
+    assert len(pairs) == 2 * 2 + 2 and all(mix.mixes and not c.mixes for c, mix in pairs)
+    for cell, mix in pairs:
+        combined, mixed = cell.result, mix.result
+        assert mixed == run_dir(bench, "ensemble-mix", cell.task, cell.seed) / "eval" / combined.name
+        a, b = (json.loads((d / "metrics.json").read_text()) for d in (combined, mixed))
+        for key in (*SCORES, "mean_entropy", "mean_mutual_information"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+        assert (b["method"], b["n_samples"], b["n"]) == (a["method"], a["n_samples"], a["n"]) == ("ensemble", 2, 16)
+        members = [run_dir(bench, "map", cell.task, cell.seed + m) / "eval" / combined.name for m in (0, 1)]
+        assert b["mixed_from"] == [str(m) for m in members]
+        seconds = [json.loads((m / "metrics.json").read_text())["seconds"] for m in members]
+        assert b["seconds"] == pytest.approx(sum(seconds), abs=0.011)
+        rows_a, rows_b = ([json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
+                          for d in (combined, mixed))
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            assert (ra["id"], ra["label"]) == (rb["id"], rb["label"])
+            assert rb["probs"] == pytest.approx(ra["probs"], abs=1e-6)
+            assert rb["mutual_information"] == pytest.approx(ra["mutual_information"], abs=1e-6)
 
 
 def test_ood_equals_ood_report(grid):
@@ -279,9 +311,14 @@ def test_shipped_configs_plan(tmp_path):
     trained = {(c.method, c.task, c.seed) for c in cells if c.step == "train"}
     assert {s for m, t, s in trained if m == "map" and t == "arc-e"} == {0, 1, 2, 3, 4}
     assert {s for m, t, s in trained if m == "blob"} == {0, 1, 2}
-    evals = [c for c in cells if c.step == "evaluate"]
+    evals = [c for c in cells if c.step == "evaluate" and c.seed in bench.seeds]
     assert len(evals) == len(bench.methods) * 3 * (3 + 6)
     assert len({c.result for c in evals}) == len(evals)
+    # the ensembles mix the evaluations of map and swag seeds s..s+2: seeds 3, 4 are evaluated for them alone
+    members = [c for c in cells if c.step == "evaluate" and c.seed not in bench.seeds]
+    assert {(c.method, c.seed) for c in members} == {(m, s) for m in ("map", "swag") for s in (3, 4)}
+    assert len(members) == 2 * 2 * (3 + 6) and all(c.note.startswith("member of ") for c in members)
+    assert sum(c.mixes for c in cells) == 2 * 3 * (3 + 6)
     # configs/smollm2-cpu-clora.yaml: C-LoRA variants in the same out (its map and clora runs are the grid's own),
     # its report in a folder of its own
     variants = load_benchmark(REPO / "configs" / "smollm2-cpu-clora.yaml")
@@ -341,8 +378,15 @@ def test_subset_plans_the_selected_cells_and_what_they_start_from():
     assert {c.method for c in part} == {"map", "laplace", "laplace-mc", "ensemble"}
     assert {(c.task, c.eval_task) for c in part if c.step == "evaluate"} == {
         ("obqa", "obqa"), ("arc-c", "arc-c"), ("obqa", "arc-c")}  # arc-c as a shift task of the obqa runs
-    assert {c.seed for c in part if c.step != "train"} == {1}
-    assert {c.seed for c in part if c.step == "train"} == {1, 2, 3}  # the ensemble of seed 1 combines 1..3
+    assert {c.seed for c in part if c.step != "train" and not c.note} == {1}
+    assert {c.seed for c in part if c.step == "train"} == {1, 2, 3}  # the ensemble of seed 1 mixes 1..3
+    members = {(c.method, c.seed, c.eval_task) for c in part if c.note and c.step == "evaluate"}  # for the mix
+    assert members == {("map", s, t) for s in (2, 3) for t in ("obqa", "arc-c")}
+    mixes = [c for c in part if c.mixes]
+    assert {(c.task, c.eval_task) for c in mixes} == {("obqa", "obqa"), ("arc-c", "arc-c"), ("obqa", "arc-c")}
+    for cell in mixes:
+        assert [str(p) for p in cell.inputs] == [str(full[("evaluate", str(
+            run_dir(bench, "map", cell.task, s) / "eval" / cell.result.name))].result) for s in (1, 2, 3)]
     only_arc = plan(subset(bench, tasks=["arc-e"], seeds=[0]))
     assert {c.task for c in only_arc} == {"arc-e"} and {c.eval_task for c in only_arc} == {"arc-e", None}
     for kwargs, message in [({"methods": ["lapl"]}, "no method 'lapl'"), ({"tasks": ["boolq"]}, "no task 'boolq'"),
@@ -370,6 +414,26 @@ def test_mismatched_or_foreign_run_directory_is_refused(tmp_path, tiny_model_dir
     (fit / "config.yaml").write_text(yaml.safe_dump(expected_config(bench, "temperature", bench.tasks[0], 0)))
     cell = next(c for c in plan(bench) if c.step == "posthoc")
     assert cell.run == fit and cell_state(bench, cell) == REDO
+
+
+def test_mix_result_made_otherwise_is_refused(tmp_path, tiny_model_dir):
+    """A mix cell's folder is done only when its metrics.json names the expected members' evaluations (by
+    TASK/RUN/eval/FOLDER, so a moved `out` still matches); one made by `evaluate` of a combined run, or from other
+    members, is refused naming the folder."""
+    bench = load_benchmark(smoke_config(tmp_path, tiny_model_dir))
+    mix = next(c for c in plan(bench) if c.mixes)
+    mix.result.mkdir(parents=True)
+    metrics = {"task": mix.eval_task, "split": "test", "n_bins": bench.eval["n_bins"]}
+    (mix.result / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UqloraError, match=r"ensemble-mix-seed0/eval/.*metrics.json was mixed with other settings"
+                                          r".* mixed_from: None"):
+        cell_state(bench, mix)
+    moved = [str(Path("/elsewhere") / Path(p).relative_to(bench.out)) for p in mix.inputs]
+    (mix.result / "metrics.json").write_text(json.dumps({**metrics, "mixed_from": moved}))
+    assert cell_state(bench, mix) == "done"
+    (mix.result / "metrics.json").write_text(json.dumps({**metrics, "mixed_from": moved[::-1]}))
+    with pytest.raises(UqloraError, match="mixed_from"):
+        cell_state(bench, mix)
 
 
 def test_failed_cell_stops_the_sweep(tmp_path, tiny_model_dir):
@@ -408,7 +472,7 @@ def test_sweep_warns_of_emulated_bf16_before_running(tmp_path, tiny_model_dir, m
 def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatch):
     """--jobs 2: every cell runs once, never more than two at a time (and two do run together), each only after
     the cells making what it reads (evaluate: its run; posthoc: the base; combine: the members; another Laplace
-    link: the run's own evaluation, for its logit Gaussians) have ended; each cell gets OMP_NUM_THREADS = cores // 2."""
+    link: the run's own evaluation, for its logit Gaussians; a mix: the members' evaluations) have ended; each cell gets OMP_NUM_THREADS = cores // 2."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     methods = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["methods"]
     methods.update({"laplace": {"posthoc": "map"}, "laplace-mc": {"reuse": "laplace", "link": "mc", "samples": 2}})
@@ -437,7 +501,10 @@ def test_parallel_jobs_respect_dependencies(tmp_path, tiny_model_dir, monkeypatc
     makers = {c.result if c.step == "evaluate" else c.run: c.key for c in cells}
     needs = [(c.key, makers[p]) for c in cells for p in c.inputs]
     assert {c.step for c in cells if c.inputs} == {"evaluate", "posthoc", "combine"}
-    after_probit = [(key, maker) for key, maker in needs if maker[0] == "evaluate"]
+    mixes = {c.key for c in cells if c.mixes}
+    after_members = [(key, maker) for key, maker in needs if key in mixes]
+    assert after_members and all(maker[0] == "evaluate" and "/map-seed" in maker[1] for _, maker in after_members)
+    after_probit = [(key, maker) for key, maker in needs if maker[0] == "evaluate" and key not in mixes]
     assert after_probit and all("laplace-mc" in key[1] and "laplace-seed" in maker[1] for key, maker in after_probit)
     assert all(ends[maker] < starts[key] for key, maker in needs)
     assert threads == {max(1, (os.cpu_count() or 1) // 2)}
@@ -450,8 +517,9 @@ def write_done_marks(bench, cell, weights: bool = True) -> None:
     text files leaves them: no adapter folder)."""
     if cell.step == "evaluate":
         cell.result.mkdir(parents=True, exist_ok=True)
+        mixed = {"mixed_from": [str(p) for p in cell.inputs]} if cell.mixes else {}
         (cell.result / "metrics.json").write_text(json.dumps(
-            {"task": cell.eval_task, "split": bench.eval["split"], "n_bins": bench.eval["n_bins"]}))
+            {"task": cell.eval_task, "split": bench.eval["split"], "n_bins": bench.eval["n_bins"], **mixed}))
         return
     cell.run.mkdir(parents=True, exist_ok=True)
     (cell.run / "config.yaml").write_text(yaml.safe_dump(expected_config(bench, cell.method, cell.task, cell.seed)))

@@ -113,6 +113,15 @@ def _combine_parser(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="new run directory for the ensemble")
 
 
+def _mix_parser(sub) -> None:
+    p = sub.add_parser("mix", help="the ensemble (multiswag) predictive of finished evaluations, without a model",
+                       description="Averages the members' probabilities question by question (the same questions, "
+                                   "the same number of draws each) and recomputes the metrics and the mutual "
+                                   "information from predictions.jsonl; the runs' weights are not read.")
+    p.add_argument("eval_dirs", nargs="+", type=Path, help="evaluation folders, e.g. RUN/eval/obqa, one per member")
+    p.add_argument("--out", required=True, type=Path, help="new folder for metrics.json and predictions.jsonl")
+
+
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="table of metrics of several runs (terminal, Markdown, CSV)")
     p.add_argument("run_dirs", nargs="+", type=Path)
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sft_parser(sub)
     _posthoc_parser(sub)
     _combine_parser(sub)
+    _mix_parser(sub)
     _ood_parser(sub)
     _benchmark_parser(sub)
     sub.add_parser("tasks", help="list the tasks and their splits")
@@ -264,6 +274,14 @@ def cmd_combine(args) -> None:
           f"{config['seed'] + config['members'] - 1}): {out}")
 
 
+def cmd_mix(args) -> None:
+    from .mix import mix_evaluations
+
+    metrics = mix_evaluations(args.eval_dirs, args.out)
+    print(f"{metrics['method']} of {metrics['members']} members, {metrics['n_samples']} draws: acc "
+          f"{metrics['accuracy']:.4f} ece {metrics['ece']:.4f} nll {metrics['nll']:.4f} -> {args.out}")
+
+
 def cmd_compare(args) -> None:
     from .evaluation.compare import aggregate, collect_rows, print_table, write_comparison
 
@@ -315,7 +333,7 @@ def cmd_tasks(_args) -> None:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo,
             "tasks": cmd_tasks, "sft": cmd_sft, "posthoc": cmd_posthoc,
-            "combine": cmd_combine, "ood": cmd_ood, "benchmark": cmd_benchmark}
+            "combine": cmd_combine, "mix": cmd_mix, "ood": cmd_ood, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

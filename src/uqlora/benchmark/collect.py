@@ -5,11 +5,12 @@ Costs of a method's run, from what the commands record:
   train seconds   Σ train_summary.json epoch_seconds (checkpoints carry the finished epochs' seconds and the
                   current epoch's so far, so a resumed run records every epoch; runs made before that record only
                   the epochs after the resume: their mean × epochs, an estimate); post-hoc: the base
-                  run's + the fit's seconds; combine: Σ members;
-  predict seconds metrics.json seconds / n (the prediction loop, without loading the model; a Laplace link that
-                  reused the other link's logit Gaussians adds what they had cost, reused_logit_gaussian_seconds);
+                  run's + the fit's seconds; combine, mix: Σ members;
+  predict seconds metrics.json seconds / n (the prediction loop, without loading the model; a mix: its members'
+                  added up; a Laplace link that reused the other link's logit Gaussians adds what they had cost,
+                  reused_logit_gaussian_seconds);
   peak memory     peak_memory_bytes of train_summary.json, the fit's posterior/METHOD.json and metrics.json
-                  (post-hoc: max of training and fit; combine: max over members); absent in older runs.
+                  (post-hoc: max of training and fit; combine, mix: max over members); absent in older runs.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ class Cost:
 
 
 def evaluations(bench: Benchmark) -> tuple[list[Evaluation], list[Cell]]:
-    """The finished evaluations (in plan order) and the evaluation cells still missing."""
+    """The finished evaluations (in plan order) and the evaluation cells still missing, of the grid's seeds (not
+    the evaluations of ensemble members beyond them, which only their mix reads)."""
     found, missing = [], []
     for cell in plan(bench):
-        if cell.step != "evaluate":
+        if cell.step != "evaluate" or cell.seed not in bench.seeds:
             continue
         path = cell.result / "metrics.json"
         if not path.is_file():
@@ -123,7 +125,7 @@ def train_cost(bench: Benchmark, name: str, task: str, seed: int) -> Cost:
     spec = bench.methods[name]
     if spec.kind == "reuse":
         return train_cost(bench, spec.base, task, seed)
-    if spec.kind == "combine":
+    if spec.kind in ("combine", "mix"):
         return _merge([train_cost(bench, spec.base, task, seed + m) for m in range(spec.members)])
     run = run_dir(bench, name, task, seed)
     if spec.kind == "posthoc":

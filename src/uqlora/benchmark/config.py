@@ -7,6 +7,8 @@ Each entry of `methods` says how its runs are made, by exactly one of:
   posthoc: BASE    `uqlora posthoc` of BASE's runs (`method`: laplace, laplace-ll, temperature; `options`: the
                    post-hoc options);
   combine: BASE    `uqlora combine` of BASE's runs of seeds s..s+members-1 (BASE trains map or swag);
+  mix: BASE        no runs of its own: the ensemble of BASE's runs of seeds s..s+members-1 (BASE trains map or
+                   swag) from their evaluations, `uqlora mix` of their predictions (no weights read);
   reuse: BASE      no runs of its own: BASE's runs evaluated with another predictive (`predictive`: evaluate
                    --method, `link`, `samples: 0` for the posterior mean).
 BASE must be an entry listed earlier. `samples` (evaluate --samples) may be given to every kind.
@@ -28,10 +30,11 @@ MERGED_KEYS = ("train", "eval")  # `extends`: merged option by option; every oth
 # set by the benchmark for every cell: not allowed in `train` or a method's `options`
 RESERVED = ("model", "task", "seed", "method", "base_method")
 EVAL_DEFAULTS = {"split": "test", "max_examples": None, "n_bins": 15, "batch_size": 8}
-KINDS = ("posthoc", "combine", "reuse")  # the keys that name another entry; none of them: a training entry
+KINDS = ("posthoc", "combine", "mix", "reuse")  # the keys that name another entry; none of them: a training entry
 ENTRY_KEYS = {"train": {"method", "options", "samples"},
               "posthoc": {"posthoc", "method", "options", "samples"},
               "combine": {"combine", "members", "samples"},
+              "mix": {"mix", "members"},  # the draws are the members' own evaluations' (BASE's samples)
               "reuse": {"reuse", "predictive", "link", "samples"}}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # an entry's name is part of its run directories' names
 
@@ -41,11 +44,11 @@ class MethodSpec:
     """One entry of `methods`: how its runs are made (`kind`) and how they are evaluated."""
 
     name: str
-    kind: str  # train | posthoc | combine | reuse
+    kind: str  # train | posthoc | combine | mix | reuse
     method: str | None = None  # train, posthoc: the uqlora method
-    base: str | None = None  # posthoc, combine, reuse: the entry whose runs it starts from
+    base: str | None = None  # posthoc, combine, mix, reuse: the entry whose runs it starts from
     options: dict = field(default_factory=dict)  # train: TrainConfig options; posthoc: post-hoc options
-    members: int | None = None  # combine
+    members: int | None = None  # combine, mix
     samples: int | None = None  # evaluate --samples
     predictive: str | None = None  # reuse: evaluate --method
     link: str | None = None  # reuse: evaluate --link
@@ -227,7 +230,7 @@ def _method(name: str, entry, where: str, before: dict[str, MethodSpec]) -> Meth
     if kind in ("train", "posthoc"):
         values["method"] = _text(entry.get("method", name), f"{where}.method")
         values["options"] = dict(_mapping(entry.get("options"), f"{where}.options"))
-    if kind == "combine":
+    if kind in ("combine", "mix"):
         values["members"] = _int(entry.get("members"), f"{where}.members", 2)
     if "samples" in entry:
         values["samples"] = _int(entry["samples"], f"{where}.samples", 0)

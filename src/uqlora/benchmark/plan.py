@@ -5,7 +5,10 @@ Layout: OUT/runs/TASK/METHOD-seedS for every run (TASK as `uqlora evaluate` name
 `mmlu-x`); an entry that reuses another's runs has none of its own; evaluations go where `uqlora evaluate` puts
 them (RUN/eval/TASK, or RUN/eval/TASK@PREDICTIVE for another predictive of the run).
 An ensemble of seed s combines the base runs of seeds s..s+M-1, so the base method is also trained on the seeds
-beyond the grid's (their cells say "ensemble member"; they are not evaluated).
+beyond the grid's (their cells say "member of ..."). A `combine` entry copies the members' weights into its run and
+evaluates that (the members beyond the grid's seeds are not evaluated); a `mix` entry has no run of its own: its
+evaluation is `uqlora mix` of the members' evaluations on the same task (so those are made for every member), in
+the folder where `uqlora evaluate` of the combined run would write it.
 """
 
 from __future__ import annotations
@@ -39,14 +42,19 @@ class Cell:
     argv: tuple[str, ...]
     eval_task: str | None = None  # evaluate: the task evaluated on
     result: Path | None = None  # evaluate: the eval folder `uqlora evaluate` writes
-    note: str = ""  # why a run exists beyond the grid's seeds
+    note: str = ""  # why a run (or evaluation) exists beyond the grid's seeds
     # the runs it reads (posthoc: the base; combine: the members; evaluate: the run, and for another Laplace link
-    # the run's own evaluation, whose logit Gaussians it reuses)
+    # the run's own evaluation, whose logit Gaussians it reuses; a mix: the members' evaluations)
     inputs: tuple[Path, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
         return self.step, str(self.result or self.run)
+
+    @property
+    def mixes(self) -> bool:
+        """An evaluation made by `uqlora mix` of the members' evaluations (`inputs`), not by `uqlora evaluate`."""
+        return self.argv[0] == "mix"
 
     @property
     def label(self) -> str:
@@ -84,7 +92,7 @@ def expected_config(bench: Benchmark, name: str, task: str, seed: int) -> dict:
         base = expected_config(bench, spec.base, task, seed)
         values = {**base, **spec.options, "method": spec.method,
                   "base_method": base["method"] if spec.method == "temperature" else None}
-    else:  # combine: what `uqlora combine` writes
+    else:  # combine: what `uqlora combine` writes; mix: the same, the run its evaluation stands for
         base = expected_config(bench, spec.base, task, seed)
         values = {**base, "method": ENSEMBLE_OF[base["method"]], "members": spec.members, "seed": seed}
     return from_mapping(values, bench.where(f"methods.{name}")).to_dict()
@@ -111,7 +119,7 @@ def check_methods(bench: Benchmark) -> None:
     suffixes: dict[tuple[str, str | None], str] = {}
     for name, spec in bench.methods.items():
         where = bench.where(f"methods.{name}")
-        {"train": _check_train, "posthoc": _check_posthoc, "combine": _check_combine,
+        {"train": _check_train, "posthoc": _check_posthoc, "combine": _check_combine, "mix": _check_combine,
          "reuse": _check_reuse}[spec.kind](bench, spec, where)
         _check_samples(bench, spec, where)
         owner = (spec.base if spec.kind == "reuse" else name, predictive_suffix(bench, name))
@@ -158,8 +166,8 @@ def _check_posthoc(bench: Benchmark, spec: MethodSpec, where: str) -> None:
 def _check_combine(bench: Benchmark, spec: MethodSpec, where: str) -> None:
     base = bench.methods[spec.base]
     if base.kind != "train" or base.method not in ENSEMBLE_OF:
-        raise UqloraError(f"{where}.combine: {spec.base!r} must be a method trained with map or swag "
-                          f"(`uqlora combine` makes ensembles of map runs and MultiSWAG of swag runs)")
+        raise UqloraError(f"{where}.{spec.kind}: {spec.base!r} must be a method trained with map or swag "
+                          f"(`uqlora {spec.kind}` makes ensembles of map runs and MultiSWAG of swag runs)")
     _first_config(bench, spec.name)
 
 
@@ -235,11 +243,11 @@ def plan(bench: Benchmark) -> list[Cell]:
         for task in bench.tasks:
             for name in bench.methods:
                 _make(bench, name, task, seed, cells, members)
-                _add(cells, _evaluate(bench, name, task, seed, task))
+                _evaluations(bench, name, task, seed, task, cells, members)
         if bench.shift:
             for name in bench.methods:
                 for eval_task in bench.shift.eval_tasks:
-                    _add(cells, _evaluate(bench, name, bench.shift.train_task, seed, eval_task))
+                    _evaluations(bench, name, bench.shift.train_task, seed, eval_task, cells, members)
     return list(cells.values())
 
 
@@ -271,9 +279,11 @@ def _make(bench: Benchmark, name: str, task: str, seed: int, cells: dict, member
         _add(cells, Cell("posthoc", name, task, seed, run, argv, inputs=(base,)))
         return
     bases = []
-    for m in range(spec.members):  # combine
+    for m in range(spec.members):  # combine, mix
         _make(bench, spec.base, task, seed + m, cells, members)
         bases.append(run_dir(bench, spec.base, task, seed + m))
+    if spec.kind == "mix":
+        return
     _add(cells, Cell("combine", name, task, seed, run, ("combine", *map(str, bases), "--out", str(run)),
                      inputs=tuple(bases)))
 
@@ -282,14 +292,33 @@ def _member_notes(bench: Benchmark) -> dict[tuple[str, int], str]:
     """(base entry, seed beyond the grid's) -> "member of ensemble seed 1, 2" for the dry run."""
     notes: dict[tuple[str, int], list[str]] = {}
     for name, spec in bench.methods.items():
-        if spec.kind == "combine":
+        if spec.kind in ("combine", "mix"):
             for seed in bench.seeds:
                 for m in range(spec.members):
                     notes.setdefault((spec.base, seed + m), []).append(f"{name} seed {seed}")
     return {k: "member of " + ", ".join(v) for k, v in notes.items()}
 
 
-def _evaluate(bench: Benchmark, name: str, task: str, seed: int, eval_task: str) -> Cell:
+def _evaluations(bench: Benchmark, name: str, task: str, seed: int, eval_task: str, cells: dict,
+                 members: dict) -> None:
+    """The cells of entry `name`'s evaluation of (task, seed) on `eval_task`; a mix's after its members'."""
+    spec = bench.methods[name]
+    if spec.kind != "mix":
+        _add(cells, _evaluate(bench, name, task, seed, eval_task))
+        return
+    inputs = []
+    for m in range(spec.members):
+        note = members.get((spec.base, seed + m), "") if seed + m not in bench.seeds else ""
+        member = _evaluate(bench, spec.base, task, seed + m, eval_task, note)
+        _add(cells, member)
+        inputs.append(member.result)
+    run = run_dir(bench, name, task, seed)
+    result = result_dir(run, expected_config(bench, name, task, seed), eval_options(bench, spec, eval_task))
+    _add(cells, Cell("evaluate", name, task, seed, run, ("mix", *map(str, inputs), "--out", str(result)),
+                     eval_task=eval_task, result=result, inputs=tuple(inputs)))
+
+
+def _evaluate(bench: Benchmark, name: str, task: str, seed: int, eval_task: str, note: str = "") -> Cell:
     spec = bench.methods[name]
     run = run_dir(bench, name, task, seed)
     opts = eval_options(bench, spec, eval_task)
@@ -305,7 +334,7 @@ def _evaluate(bench: Benchmark, name: str, task: str, seed: int, eval_task: str)
         own = eval_options(bench, bench.methods[spec.base], eval_task)
         inputs += (result_dir(run, expected_config(bench, spec.base, task, seed), own),)
     return Cell("evaluate", name, task, seed, run, (*argv, "--quiet"), eval_task=eval_task, result=result,
-                inputs=inputs)
+                note=note, inputs=inputs)
 
 
 def _flags(options: dict) -> list[str]:

@@ -2,7 +2,8 @@
 cell would write (never mix runs made with other settings into the tables): otherwise one clear error.
 
     done     train: train_summary.json; posthoc: posterior/METHOD.json; combine: config.yaml (combine writes the
-             folder whole); evaluate: metrics.json (written last) naming the same task, split and bins
+             folder whole); evaluate: metrics.json (written last) naming the same task, split and bins (a mix:
+             and mixed from the expected members' evaluations)
     resume   an interrupted training with a checkpoint: `uqlora train --out RUN --resume`
     redo     an interrupted training before its first checkpoint, or an interrupted post-hoc fit (`uqlora
              posthoc` has no checkpoint): the partial folder is removed and the cell runs again
@@ -78,11 +79,21 @@ def _eval_state(bench: Benchmark, cell: Cell) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UqloraError(f"{path} is not valid JSON ({err}); remove it to evaluate again") from None
     expected = {"task": cell.eval_task, "split": bench.eval["split"], "n_bins": bench.eval["n_bins"]}
-    differ = [f"{k}: {metrics.get(k)!r} (expected {v!r})" for k, v in expected.items() if metrics.get(k) != v]
+    found = dict(metrics)
+    if cell.mixes:  # the members by TASK/RUN/eval/FOLDER, so that an `out` moved or named otherwise still matches
+        expected["mixed_from"] = [_member(p) for p in cell.inputs]
+        found["mixed_from"] = [_member(p) for p in metrics.get("mixed_from", ())] or None
+    differ = [f"{k}: {found.get(k)!r} (expected {v!r})" for k, v in expected.items() if found.get(k) != v]
     if differ:
-        raise UqloraError(f"{path} was evaluated with other settings than {bench.path} asks for: "
-                          f"{'; '.join(differ)}. Remove its folder to evaluate again")
+        how = "mixed" if cell.mixes else "evaluated"
+        raise UqloraError(f"{path} was {how} with other settings than {bench.path} asks for: "
+                          f"{'; '.join(differ)}. Move its folder away to make it again")
     return DONE
+
+
+def _member(eval_dir) -> str:
+    """A member's evaluation folder by its last four parts, TASK/RUN/eval/FOLDER."""
+    return "/".join(Path(eval_dir).parts[-4:])
 
 
 def has_weights(run: Path) -> bool:
