@@ -9,8 +9,8 @@ checkpoints) and no plots: they are large, and a run is remade from its config a
 
 Copied back into OUT/runs, the archive makes `uqlora benchmark CONFIG --report-only` write the same report, and its
 finished cells count as done. Its runs have no weights: a sweep whose remaining cells read one of them (an
-evaluation, a post-hoc fit, an ensemble) names it and stops before running anything; remove its folder, and the
-benchmark trains it again.
+evaluation, a post-hoc fit, a combined ensemble; a mix reads only its members' evaluations) names it and stops
+before running anything; remove its folder, and the benchmark trains it again.
 """
 
 from __future__ import annotations

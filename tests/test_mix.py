@@ -72,9 +72,10 @@ def test_mix_equals_the_mixture_of_every_draw(tmp_path):
 
 def test_deterministic_members_make_an_ensemble(tmp_path):
     """Three map evaluations (one draw, no mutual information in their rows): the ensemble's mutual information is
-    the members' disagreement, H(mean) − mean H(member); the CLI prints the metrics."""
+    the members' disagreement, H(mean) − mean H(member); without one member's seconds the mix records none."""
     members = [draws(seed, 1) for seed in (3, 4, 5)]
-    folders = [write_member(tmp_path / f"m{i}", d, method="map") for i, d in enumerate(members)]
+    folders = [write_member(tmp_path / f"m{i}", d, method="map", **({"seconds": None} if i == 1 else {}))
+               for i, d in enumerate(members)]
     assert main(["mix", *map(str, folders), "--out", str(tmp_path / "ens")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ens" / "predictions.jsonl").read_text().splitlines()]
     for q, row in enumerate(rows):
@@ -82,7 +83,7 @@ def test_deterministic_members_make_an_ensemble(tmp_path):
         expected = predictive_entropy(every.mean(dim=0)) - predictive_entropy(every).mean()
         assert row["mutual_information"] == pytest.approx(float(expected), abs=1e-12)
     metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
-    assert (metrics["method"], metrics["n_samples"]) == ("ensemble", 3)
+    assert (metrics["method"], metrics["n_samples"]) == ("ensemble", 3) and "seconds" not in metrics
 
 
 @pytest.mark.parametrize("change, message", [

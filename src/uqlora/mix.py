@@ -76,7 +76,7 @@ def mix_evaluations(eval_dirs: list[Path], out: Path) -> dict:
     result.update(method=mixed_method(first["method"]), members=len(eval_dirs),
                   n_samples=len(eval_dirs) * int(first["n_samples"]), mean_entropy=float(entropy.mean()),
                   mean_mutual_information=float(mutual_info.mean()), task=first["task"], split=first["split"],
-                  framing=first["framing"], seconds=_total(metrics, "seconds"), **_peak(metrics),
+                  framing=first["framing"], **_seconds(metrics), **_peak(metrics),
                   mixed_from=[str(d) for d in eval_dirs])
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -126,10 +126,11 @@ def _read_predictions(eval_dir: Path, n_samples: int) -> list[dict]:
     return rows
 
 
-def _total(metrics: list[dict], key: str) -> float | None:
-    """The members' prediction seconds added up: the ensemble predicts by running every member."""
-    values = [m.get(key) for m in metrics]
-    return None if any(v is None for v in values) else round(sum(values), 2)
+def _seconds(metrics: list[dict]) -> dict:
+    """The members' prediction seconds added up (the ensemble predicts by running every member), where all have
+    them."""
+    values = [m.get("seconds") for m in metrics]
+    return {} if any(v is None for v in values) else {"seconds": round(sum(values), 2)}
 
 
 def _peak(metrics: list[dict]) -> dict:
