@@ -267,7 +267,7 @@ def _make(bench: Benchmark, name: str, task: str, seed: int, cells: dict, member
         given = {**bench.train, **spec.options}
         argv = ("train", "--out", str(run), "--model", bench.model, "--task", task, "--method", spec.method,
                 "--seed", str(seed), *_flags({k: config[k] for k in given}), "--quiet")
-        note = members.get((name, seed), "") if seed not in bench.seeds else ""
+        note = members.get((name, seed), "")
         _add(cells, Cell("train", name, task, seed, run, argv, note=note))
         return
     if spec.kind == "posthoc":
@@ -294,7 +294,7 @@ def _member_notes(bench: Benchmark) -> dict[tuple[str, int], str]:
     for name, spec in bench.methods.items():
         if spec.kind in ("combine", "mix"):
             for seed in bench.seeds:
-                for m in range(spec.members):
+                for m in (m for m in range(spec.members) if seed + m not in bench.seeds):
                     notes.setdefault((spec.base, seed + m), []).append(f"{name} seed {seed}")
     return {k: "member of " + ", ".join(v) for k, v in notes.items()}
 
@@ -308,8 +308,7 @@ def _evaluations(bench: Benchmark, name: str, task: str, seed: int, eval_task: s
         return
     inputs = []
     for m in range(spec.members):
-        note = members.get((spec.base, seed + m), "") if seed + m not in bench.seeds else ""
-        member = _evaluate(bench, spec.base, task, seed + m, eval_task, note)
+        member = _evaluate(bench, spec.base, task, seed + m, eval_task, members.get((spec.base, seed + m), ""))
         _add(cells, member)
         inputs.append(member.result)
     run = run_dir(bench, name, task, seed)
