@@ -34,13 +34,12 @@ def main() -> None:
     for key in (k for k in METRICS if k in ma and k in mb):
         print(f"{key:24s} {ma[key]:.6f} {mb[key]:.6f} |diff| {abs(ma[key] - mb[key]):.2e}")
     largest = max(abs(p - q) for x, y in zip(ra, rb) for p, q in zip(x["probs"], y["probs"]))
-    differ = [(x, y) for x, y in zip(ra, rb) if answer(x) != answer(y)]
+    differ = [i for i, (x, y) in enumerate(zip(ra, rb)) if answer(x) != answer(y)]
     print(f"largest probability difference {largest:.2e}")
     print(f"questions answered differently {len(differ)} of {len(ra)}")
     for name, rows in (("a", ra), ("b", rb)):
         top = sum(max(r["probs"]) for r in rows) / len(rows)
-        where = [x if name == "a" else y for x, y in differ]
-        on_differ = sum(max(r["probs"]) for r in where) / len(where) if where else float("nan")
+        on_differ = sum(max(rows[i]["probs"]) for i in differ) / len(differ) if differ else float("nan")
         print(f"mean top probability {name}: {top:.3f} (on the questions answered differently: {on_differ:.3f})")
 
 
