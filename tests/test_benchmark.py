@@ -28,7 +28,7 @@ import uqlora.train
 from conftest import REPO, pretend_cpu, write_jsonl_task
 from uqlora.benchmark import load_benchmark, run_benchmark
 from uqlora.benchmark.plan import expected_config, plan, run_dir, subset
-from uqlora.benchmark.runner import log_name, run_in_process, run_subprocess
+from uqlora.benchmark.runner import log_name, print_line, run_in_process, run_subprocess
 from uqlora.benchmark.state import REDO, RESUME, cell_state
 from uqlora.cli import main
 from uqlora.errors import UqloraError
@@ -645,6 +645,22 @@ def test_subprocess_executor_logs_and_reports_errors(tmp_path):
     with pytest.raises(UqloraError, match=r"`uqlora combine` exited with status 2: error: combine needs at least "
                                           r"two runs \(output: .*cell.log\)"):
         run_subprocess(["combine", str(tmp_path / "x"), "--out", str(tmp_path / "y")], log)
+
+
+def test_progress_lines_from_concurrent_cells_stay_whole(capsys):
+    """print_line (the sweep's default echo): lines written by several threads at once come out whole, one per
+    line (print() writes the text and the newline separately, so two jobs' lines could run together)."""
+    def report(worker):
+        for i in range(200):
+            print_line(f"[{worker}] cell {i}: running")
+
+    threads = [threading.Thread(target=report, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == sorted(f"[{w}] cell {i}: running" for w in range(4) for i in range(200))
 
 
 def test_predict_cost_counts_reused_logit_gaussians():

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -38,6 +39,16 @@ Executor = Callable[[list[str], Path, "int | None", "tuple[int, ...]"], None]
 ACTION = {RUN: "running", RESUME: "resuming the interrupted training",
           REDO: "removed the unfinished folder, running again"}
 BUSY = "busy"  # the state of a cell another sweep is running
+_ECHO_LOCK = threading.Lock()
+
+
+def print_line(text: str) -> None:
+    """The default `echo`: one whole line at a time, flushed. The cells' threads report concurrently, and print()
+    writes the text and its newline separately (two jobs' lines ran together in a log); flushed, so a sweep's
+    output redirected to a file shows each cell as it starts and ends."""
+    with _ECHO_LOCK:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 POLL_SECONDS = 10.0  # how often a sweep waiting for another's cells looks at their locks again
 
 
@@ -71,7 +82,7 @@ def _last_error(log: Path) -> str:
 
 
 def run_benchmark(bench: Benchmark, *, dry_run: bool = False, report_only: bool = False,
-                  execute: Executor = run_subprocess, echo: Callable[[str], None] = print,
+                  execute: Executor = run_subprocess, echo: Callable[[str], None] = print_line,
                   part: Benchmark | None = None, jobs: int = 1) -> Path | None:
     """Run what is not done, `jobs` cells at a time (or only list it: dry_run; or only report: report_only);
     returns the report folder. `part` (plan.subset of bench): run and list only its cells; the report is still
