@@ -3,7 +3,9 @@
 What is copied, under DEST/TASK/RUN/ as in OUT/runs/: the runs' text files (config.yaml, train_summary.json,
 train_log.jsonl, posterior/*.json, eval/*/metrics.json and predictions.jsonl with every question's
 probabilities), enough to recompute every metric and to rewrite the report. No weights (adapter/, posteriors,
-checkpoints) and no plots: they are large, and a run is remade from its config and seed.
+checkpoints) and no plots: they are large, and a run is remade from its config and seed. An unfinished training
+(config.yaml but no train_summary.json: a sweep stopped during it) is left out and named: its text is no result,
+and its checkpoint stays in OUT for `uqlora benchmark` to resume.
 
     .venv/bin/python benchmarks/archive_runs.py runs/benchmark/smollm2-cpu-3ep/runs benchmarks/results/smollm2-cpu-3ep
 
@@ -22,12 +24,21 @@ from pathlib import Path
 TEXT_SUFFIXES = {".json", ".jsonl", ".yaml", ".txt"}
 
 
+def unfinished_trainings(runs: Path) -> list[Path]:
+    """The run folders (runs/TASK/RUN) whose training has not finished."""
+    return sorted(run for run in runs.glob("*/*")
+                  if (run / "config.yaml").is_file() and not (run / "train_summary.json").is_file())
+
+
 def archive(runs: Path, dest: Path) -> int:
-    """Copy the text files of `runs` into `dest`; returns how many."""
+    """Copy the text files of `runs`' finished runs into `dest`; returns how many."""
     copied = 0
+    skipped = unfinished_trainings(runs)
     for path in sorted(p for p in runs.rglob("*") if p.is_file()):
         rel = path.relative_to(runs)
         if path.suffix not in TEXT_SUFFIXES or {"checkpoint", "adapter"} & set(rel.parts) or path.name.startswith("."):
+            continue
+        if any(path.is_relative_to(run) for run in skipped):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest / rel)
@@ -42,6 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.runs.is_dir():
         raise SystemExit(f"error: {args.runs} is not a folder")
+    for run in unfinished_trainings(args.runs):
+        print(f"left out {run}: its training has not finished")
     print(f"{archive(args.runs, args.dest)} files copied to {args.dest}")
 
 

@@ -16,6 +16,8 @@ import dataclasses
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -583,6 +585,28 @@ def test_runs_without_weights_are_named_before_anything_runs(tmp_path, tiny_mode
 
     with pytest.raises(UqloraError, match="first cell reached"):
         run_benchmark(bench, execute=stop, echo=lambda line: None)
+
+
+def test_archive_keeps_finished_runs_text_only(tmp_path):
+    """benchmarks/archive_runs.py: a finished run's text files are copied (not its adapter or checkpoint), a mix's
+    evaluation too; a training the sweep stopped during (config.yaml, no train_summary.json) is left out and
+    named."""
+    runs, dest = tmp_path / "runs", tmp_path / "archive"
+    files = {"arc-e/map-seed0/config.yaml": "x", "arc-e/map-seed0/train_summary.json": "{}",
+             "arc-e/map-seed0/adapter/adapter_config.json": "{}", "arc-e/map-seed0/eval/arc-e/metrics.json": "{}",
+             "arc-e/map-seed0/eval/arc-e/reliability.png": "", "arc-e/ensemble-seed0/eval/arc-e/metrics.json": "{}",
+             "arc-e/map-seed4/config.yaml": "x", "arc-e/map-seed4/train_log.jsonl": "",
+             "arc-e/map-seed4/checkpoint/progress.json": "{}"}
+    for name, text in files.items():
+        (runs / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs / name).write_text(text)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "archive_runs.py"), str(runs), str(dest)],
+                          capture_output=True, text=True, check=True)
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert copied == ["arc-e/ensemble-seed0/eval/arc-e/metrics.json", "arc-e/map-seed0/config.yaml",
+                      "arc-e/map-seed0/eval/arc-e/metrics.json", "arc-e/map-seed0/train_summary.json"]
+    assert f"left out {runs / 'arc-e/map-seed4'}: its training has not finished" in done.stdout
+    assert done.stdout.rstrip().endswith(f"4 files copied to {dest}")
 
 
 def test_two_sweeps_on_one_out_run_each_cell_once(fake_sweep):
