@@ -39,6 +39,7 @@ Executor = Callable[[list[str], Path, "int | None", "tuple[int, ...]"], None]
 ACTION = {RUN: "running", RESUME: "resuming the interrupted training",
           REDO: "removed the unfinished folder, running again"}
 BUSY = "busy"  # the state of a cell another sweep is running
+POLL_SECONDS = 10.0  # how often a sweep waiting for another's cells looks at their locks again
 _ECHO_LOCK = threading.Lock()
 
 
@@ -49,7 +50,6 @@ def print_line(text: str) -> None:
     with _ECHO_LOCK:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
-POLL_SECONDS = 10.0  # how often a sweep waiting for another's cells looks at their locks again
 
 
 def run_subprocess(argv: list[str], log: Path, threads: int | None = None, keep_fds: tuple[int, ...] = ()) -> None:
