@@ -30,20 +30,22 @@ def unfinished_trainings(runs: Path) -> list[Path]:
                   if (run / "config.yaml").is_file() and not (run / "train_summary.json").is_file())
 
 
-def archive(runs: Path, dest: Path) -> int:
-    """Copy the text files of `runs`' finished runs into `dest`; returns how many."""
+def archive(runs: Path, dest: Path) -> tuple[int, list[Path]]:
+    """Copy the text files of `runs`' finished runs into `dest`; returns how many, and the unfinished trainings
+    left out."""
+    left_out = unfinished_trainings(runs)
+    left_out_names = {run.relative_to(runs).parts for run in left_out}  # (TASK, RUN)
     copied = 0
-    skipped = unfinished_trainings(runs)
     for path in sorted(p for p in runs.rglob("*") if p.is_file()):
         rel = path.relative_to(runs)
         if path.suffix not in TEXT_SUFFIXES or {"checkpoint", "adapter"} & set(rel.parts) or path.name.startswith("."):
             continue
-        if any(path.is_relative_to(run) for run in skipped):
+        if rel.parts[:2] in left_out_names:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest / rel)
         copied += 1
-    return copied
+    return copied, left_out
 
 
 def main() -> None:
@@ -53,9 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.runs.is_dir():
         raise SystemExit(f"error: {args.runs} is not a folder")
-    for run in unfinished_trainings(args.runs):
+    copied, left_out = archive(args.runs, args.dest)
+    for run in left_out:
         print(f"left out {run}: its training has not finished")
-    print(f"{archive(args.runs, args.dest)} files copied to {args.dest}")
+    print(f"{copied} files copied to {args.dest}")
 
 
 if __name__ == "__main__":
