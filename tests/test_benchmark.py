@@ -102,17 +102,29 @@ def grid(tmp_path_factory, tiny_model_dir):
 
 def test_interrupted_sweep_resumes_without_redoing(grid):
     """The first run stops at the interrupted training (its checkpoint kept: state resume); the second does not
-    touch the 5 cells finished before, resumes that training with --resume and runs the rest."""
+    touch the 8 cells finished before (map seed 0 trained, evaluated on task a and on the shift task c, then
+    mc-dropout and temperature on both), resumes that training with --resume and runs the rest."""
     bench, first, second, before, states = grid
     label, total = f"train map {bench.tasks[0]} seed 1", len(plan(bench))
-    assert len(before) == 5 and states[label] == RESUME
-    assert first[-1] == f"[6/{total}] {label}: interrupted; `uqlora benchmark {bench.path}` continues from there"
+    assert [c.label for c in plan(bench)].index(label) == len(before) == 8 and states[label] == RESUME
+    assert first[-1] == f"[9/{total}] {label}: interrupted; `uqlora benchmark {bench.path}` continues from there"
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    assert second[0] == f"{bench.path}: {total} cells, 5 done, {total - 5} to run"
-    assert f"[1/{total - 5}] {label}: resuming the interrupted training" in second
+    assert second[0] == f"{bench.path}: {total} cells, 8 done, {total - 8} to run"
+    assert f"[1/{total - 8}] {label}: resuming the interrupted training" in second
     assert all(cell_state(bench, c) == "done" for c in plan(bench))
     done_lines = [line for line in second if ": done in " in line]
-    assert len(done_lines) == total - 5 and all(line.endswith(" s") for line in done_lines)
+    assert len(done_lines) == total - 8 and all(line.endswith(" s") for line in done_lines)
+
+
+def test_shift_evaluations_follow_their_run(grid):
+    """A run of the shift's train task is evaluated on the shift task right after its own task, before the next
+    entry's cells: the evaluations that read its weights are made while they exist."""
+    bench = grid[0]
+    labels = [c.label for c in plan(bench)]
+    a, c = bench.shift.train_task, bench.shift.eval_tasks[0]
+    for name in ("map", "mc-dropout", "temperature"):
+        own = labels.index(f"evaluate {name} {a} seed 0 on {a}")
+        assert labels[own + 1] == f"evaluate {name} {a} seed 0 on {c}"
 
 
 def test_grid_trains_ensemble_members_beyond_the_seeds(grid):

@@ -236,18 +236,18 @@ def subset(bench: Benchmark, methods=None, tasks=None, seeds=None) -> Benchmark:
 
 def plan(bench: Benchmark) -> list[Cell]:
     """Every cell in an order that respects dependencies: seed by seed (so a first complete seed comes early),
-    task by task, method by method, each run made before its evaluations; then the shift evaluations."""
+    task by task, method by method, each run made before its evaluations, the shift train task's run evaluated
+    on the shift tasks right after its own test split: a run's weights live only on the machine that made it,
+    so a sweep stopped between two sessions on fresh machines leaves no shift evaluation without its weights."""
     cells: dict[tuple[str, str], Cell] = {}
     members = _member_notes(bench)
     for seed in bench.seeds:
         for task in bench.tasks:
+            shift_tasks = bench.shift.eval_tasks if bench.shift and task == bench.shift.train_task else ()
             for name in bench.methods:
                 _make(bench, name, task, seed, cells, members)
-                _evaluations(bench, name, task, seed, task, cells, members)
-        if bench.shift:
-            for name in bench.methods:
-                for eval_task in bench.shift.eval_tasks:
-                    _evaluations(bench, name, bench.shift.train_task, seed, eval_task, cells, members)
+                for eval_task in (task, *shift_tasks):
+                    _evaluations(bench, name, task, seed, eval_task, cells, members)
     return list(cells.values())
 
 
