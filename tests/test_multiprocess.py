@@ -209,13 +209,16 @@ def test_posthoc_failure_under_two_processes_leaves_nothing(map_run, tmp_path):
 
 def test_temperature_two_processes_equal_one(map_run, tmp_path):
     """`posthoc --method temperature` with 2 processes == 1: predict_probs gathers every validation question's
-    draws on both processes, both fit the same T, the main one writes it (T to 1e-6 relative, NLLs to 1e-6)."""
+    draws on both processes, both fit the same T, the main one writes it (NLLs before and after to 1e-6; T to 1e-3
+    relative: the tiny model's predictions are near uniform, so its NLL is flat in T around the fitted T ~ 5, and
+    the float32 rounding of the two layouts' batches (1e-7 in the NLL) moves the argmin by up to ~1e-4 relative;
+    measured on an AVX2 EPYC: 5.34744 against 5.34771, NLL after equal to 3e-8)."""
     run, _, _ = map_run
     for n in (1, 2):
         uqlora("posthoc", run, "--method", "temperature", "--out", tmp_path / f"t{n}", "--quiet", processes=n)
     one, two = (fit_summary(tmp_path / f"t{n}", "temperature.json") for n in (1, 2))
     assert one["validation_questions"] == two["validation_questions"] == 6 and two["processes"] == 2
-    assert two["temperature"] == pytest.approx(one["temperature"], rel=1e-6)
+    assert two["temperature"] == pytest.approx(one["temperature"], rel=1e-3)
     for key in ("validation_nll_before", "validation_nll_after"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
